@@ -1,0 +1,66 @@
+"""txmgr: atomic commits across several PostgreSQL databases.
+
+Two-phase commit over psycopg 3 with a durable decision log in PostgreSQL and
+a recovery that finishes whatever a crash leaves prepared::
+
+    import txmgr
+
+    tm = txmgr.TransactionManager(
+        participants={"orders": "postgresql://…/orders", "billing": "postgresql://…/billing"},
+        log="postgresql://…/txlog",
+    )
+    with tm.transaction() as tx:
+        tx.connection("orders").execute("INSERT …")
+        tx.connection("billing").execute("UPDATE …")
+    tm.close()
+"""
+
+from txmgr._migrate import migrate
+from txmgr.config import Config
+from txmgr.errors import (
+    ConfigError,
+    InvalidParticipantName,
+    LogSchemaError,
+    ManualTransactionControl,
+    OutcomeUnknown,
+    ParticipantError,
+    ParticipantUnavailable,
+    PreparedTransactionsDisabled,
+    TransactionAborted,
+    TransactionStateError,
+    TxmgrError,
+    UnknownParticipant,
+    UnsupportedServer,
+)
+from txmgr.hooks import Hooks
+from txmgr.manager import TransactionManager
+from txmgr.recovery import Recoverer, RecoveryReport, Resolution, recover
+from txmgr.transaction import Transaction, TransactionState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Hooks",
+    "InvalidParticipantName",
+    "LogSchemaError",
+    "ManualTransactionControl",
+    "OutcomeUnknown",
+    "ParticipantError",
+    "ParticipantUnavailable",
+    "PreparedTransactionsDisabled",
+    "Recoverer",
+    "RecoveryReport",
+    "Resolution",
+    "Transaction",
+    "TransactionAborted",
+    "TransactionManager",
+    "TransactionState",
+    "TransactionStateError",
+    "TxmgrError",
+    "UnknownParticipant",
+    "UnsupportedServer",
+    "migrate",
+    "recover",
+]

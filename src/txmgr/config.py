@@ -1,0 +1,193 @@
+"""Settings shared by the library, the CLI and the daemon, read from TOML.
+
+A file looks like::
+
+    [log]
+    dsn = "postgresql://txmgr@db0/txlog"   # or: participant = "orders"
+    idle_timeout = 60                       # seconds; see LogSettings
+
+    [participants]
+    orders = "postgresql://app@db1/orders"
+    billing = "postgresql://app@db2/billing"
+
+    [pool]
+    min_size = 1
+    max_size = 10
+
+    [recovery]
+    interval = 10
+
+    [metrics]
+    port = 9187
+
+Unknown tables and keys are errors, so a typo never silently means "default".
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from txmgr._gid import check_participant_name
+from txmgr.errors import ConfigError
+
+__all__ = ["CONFIG_ENV", "Config", "resolve_config_path"]
+
+CONFIG_ENV = "TXMGR_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything txmgr needs to know; build it directly or with :meth:`from_file`.
+
+    ``log`` is either a DSN of a dedicated log database or the name of a
+    participant that keeps the log tables in its own database.
+    """
+
+    participants: Mapping[str, str]
+    log: str
+    #: idle_in_transaction_session_timeout of the decision transaction, seconds:
+    #: a coordinator that hangs this long inside the protocol is aborted by the
+    #: log server itself, so recovery never waits on it forever.
+    log_idle_timeout: float = 60.0
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    connect_timeout: float = 10.0
+    recovery_interval: float = 10.0
+    metrics_port: int | None = None
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.participants:
+            raise ConfigError(
+                "no participants configured: add a [participants] table of name = \"dsn\" "
+                "(or pass participants={...})"
+            )
+        for name, dsn in self.participants.items():
+            check_participant_name(name)
+            if not isinstance(dsn, str) or not dsn.strip():
+                raise ConfigError(f"participant {name!r}: the DSN must be a non-empty string")
+        if not isinstance(self.log, str) or not self.log.strip():
+            raise ConfigError(
+                "no decision log configured: set [log] dsn = \"postgresql://…\" or "
+                "[log] participant = \"<participant name>\""
+            )
+        if self.log not in self.participants and not _looks_like_dsn(self.log):
+            raise ConfigError(
+                f"log {self.log!r} is neither a configured participant nor a DSN: give a "
+                "connection string such as 'postgresql://user@host/txlog' or one of "
+                f"{sorted(self.participants)}"
+            )
+        _positive("log idle_timeout", self.log_idle_timeout)
+        _positive("connect_timeout", self.connect_timeout)
+        _positive("recovery interval", self.recovery_interval)
+        if self.pool_min_size < 0 or self.pool_max_size < max(1, self.pool_min_size):
+            raise ConfigError(
+                f"pool sizes min_size={self.pool_min_size}, max_size={self.pool_max_size}: "
+                "need 0 <= min_size <= max_size and max_size >= 1"
+            )
+
+    @property
+    def log_participant(self) -> str | None:
+        """The participant holding the log tables, or None for a dedicated log database."""
+        return self.log if self.log in self.participants else None
+
+    @property
+    def log_dsn(self) -> str:
+        """DSN of the database holding the decision log."""
+        return self.participants.get(self.log, self.log)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        """Read a TOML configuration file (see the module docstring for its tables)."""
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {str(p)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"configuration file {str(p)!r} is not valid TOML: {e}") from None
+        return cls.from_mapping(data, source=str(p))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
+        """Build a Config from parsed TOML data."""
+        where = f" in {source}" if source else ""
+        _only(data, {"log", "participants", "pool", "recovery", "metrics"}, "top level", where)
+        log = _table(data, "log", where)
+        _only(log, {"dsn", "participant", "idle_timeout"}, "[log]", where)
+        if ("dsn" in log) == ("participant" in log):
+            raise ConfigError(
+                f"[log]{where} needs exactly one of dsn = \"postgresql://…\" (a dedicated log "
+                "database) or participant = \"name\" (keep the log inside that participant)"
+            )
+        participants = _table(data, "participants", where)
+        if "participant" in log and log["participant"] not in participants:
+            raise ConfigError(
+                f"[log] participant = {log['participant']!r}{where} is not in [participants]; "
+                f"choose one of {sorted(participants)}"
+            )
+        pool = _table(data, "pool", where, required=False)
+        _only(pool, {"min_size", "max_size", "connect_timeout"}, "[pool]", where)
+        recovery = _table(data, "recovery", where, required=False)
+        _only(recovery, {"interval"}, "[recovery]", where)
+        metrics = _table(data, "metrics", where, required=False)
+        _only(metrics, {"port"}, "[metrics]", where)
+        try:
+            return cls(
+                participants=dict(participants),
+                log=log.get("dsn") or log["participant"],
+                log_idle_timeout=float(log.get("idle_timeout", 60.0)),
+                pool_min_size=int(pool.get("min_size", 1)),
+                pool_max_size=int(pool.get("max_size", 10)),
+                connect_timeout=float(pool.get("connect_timeout", 10.0)),
+                recovery_interval=float(recovery.get("interval", 10.0)),
+                metrics_port=int(metrics["port"]) if "port" in metrics else None,
+                source=source,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid value{where}: {e}") from None
+
+
+def resolve_config_path(path: str | None) -> str:
+    """The config file to use: ``path``, else $TXMGR_CONFIG, else a clear error."""
+    if path:
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return env
+    raise ConfigError(f"no configuration file: pass --config FILE or set {CONFIG_ENV}")
+
+
+def _looks_like_dsn(text: str) -> bool:
+    return "://" in text or "=" in text
+
+
+def _positive(what: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
+
+
+def _table(
+    data: Mapping[str, Any], name: str, where: str, *, required: bool = True
+) -> Mapping[str, Any]:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(f"missing [{name}] table{where}")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}]{where} must be a table")
+    return value
+
+
+def _only(table: Mapping[str, Any], allowed: set[str], what: str, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {what}{where}; allowed: {sorted(allowed)}"
+        )

@@ -1,0 +1,116 @@
+"""Errors raised by txmgr.
+
+Every error names what went wrong and how to fix it. No message ever contains
+a password: DSNs are shown through :func:`txmgr._dsn.mask`.
+
+The tree::
+
+    TxmgrError
+    ├── ConfigError                  bad settings: fix the configuration
+    │   ├── InvalidParticipantName   a name outside [a-z][a-z0-9_]{0,31}
+    │   └── UnknownParticipant       tx.connection("name") for a name not configured
+    ├── ParticipantError             a participant's server cannot be used
+    │   ├── ParticipantUnavailable   cannot connect (host down, wrong password, …)
+    │   ├── PreparedTransactionsDisabled   max_prepared_transactions = 0
+    │   └── UnsupportedServer        PostgreSQL older than 13
+    ├── LogSchemaError               decision log schema missing or out of date
+    ├── TransactionStateError        the API was used in the wrong order
+    │   └── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
+    ├── TransactionAborted           the transaction rolled back; nothing committed
+    └── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InvalidParticipantName",
+    "LogSchemaError",
+    "ManualTransactionControl",
+    "OutcomeUnknown",
+    "ParticipantError",
+    "ParticipantUnavailable",
+    "PreparedTransactionsDisabled",
+    "TransactionAborted",
+    "TransactionStateError",
+    "TxmgrError",
+    "UnknownParticipant",
+    "UnsupportedServer",
+]
+
+
+class TxmgrError(Exception):
+    """Base class of every error txmgr raises on purpose."""
+
+
+class ConfigError(TxmgrError):
+    """The configuration is invalid; the message says which setting and how to fix it."""
+
+
+class InvalidParticipantName(ConfigError):
+    """A participant name does not match ``[a-z][a-z0-9_]{0,31}``."""
+
+
+class UnknownParticipant(ConfigError):
+    """A transaction asked for a participant that is not configured."""
+
+
+class ParticipantError(TxmgrError):
+    """A participant (or the log database) cannot take part in transactions."""
+
+    def __init__(self, message: str, *, participant: str) -> None:
+        super().__init__(message)
+        self.participant = participant
+
+
+class ParticipantUnavailable(ParticipantError):
+    """Connecting failed: server down, wrong credentials, unknown database."""
+
+
+class PreparedTransactionsDisabled(ParticipantError):
+    """The server has ``max_prepared_transactions = 0`` and cannot prepare branches."""
+
+
+class UnsupportedServer(ParticipantError):
+    """The server is older than PostgreSQL 13 (txmgr needs ``pg_xact_status(xid8)``)."""
+
+
+class LogSchemaError(TxmgrError):
+    """The decision log tables are missing or at another schema revision."""
+
+
+class TransactionStateError(TxmgrError):
+    """A transaction method was called in a state that does not allow it."""
+
+
+class ManualTransactionControl(TransactionStateError):
+    """COMMIT, ROLLBACK or PREPARE was issued by hand on a branch connection.
+
+    txmgr ends every branch itself; ending one by hand would break atomicity.
+    """
+
+
+class TransactionAborted(TxmgrError):
+    """The global transaction rolled back: no branch committed.
+
+    Raised when a participant could not prepare (it "voted no"), when the
+    coordinator lost its decision transaction before committing it, or when a
+    branch was unusable at commit time. ``__cause__`` holds the first error.
+    """
+
+    def __init__(self, message: str, *, txid: str | None = None) -> None:
+        super().__init__(message)
+        self.txid = txid
+
+
+class OutcomeUnknown(TxmgrError):
+    """The decision could not be confirmed because the log database was unreachable.
+
+    The transaction is either committed on every participant or on none, and
+    recovery (``txmgr recover`` or the daemon) will finish it; look it up by
+    ``txid`` with ``txmgr status``.
+    """
+
+    def __init__(self, message: str, *, txid: str | None = None) -> None:
+        super().__init__(message)
+        self.txid = txid

@@ -1,0 +1,165 @@
+"""The decision log: where the commit decision of a global transaction is made durable.
+
+The commit point of a global transaction is the commit of one ordinary
+PostgreSQL transaction ``L`` on the log database. ``L`` inserts the decision
+row; its xid (``lxid``) is written into every branch gid, so anyone can ask
+the log database what was decided with ``pg_xact_status(lxid)``: committed,
+aborted, or still in progress. Presumed abort: an aborted ``L`` leaves nothing.
+
+The contract (narrow on purpose, so that a replicated log is a second
+implementation of it, not a rewrite):
+
+- ``open_decision(conn, txid, participants, …) -> lxid`` — inside the open
+  transaction of ``conn`` (which becomes ``L``); may fail.
+- committing ``conn`` is the decision; rolling it back is the abort.
+- ``xact_status(conn, lxids)`` — what was decided, for recovery.
+- ``decision_rows`` / ``delete_decisions`` — bookkeeping of finished rows.
+
+Everything here takes a connection to the log database; nothing here knows
+about participants' connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+
+from txmgr._dsn import mask
+from txmgr.errors import LogSchemaError
+
+__all__ = [
+    "SCHEMA_REVISION",
+    "DecisionRow",
+    "XactStatus",
+    "decision_rows",
+    "delete_decisions",
+    "open_decision",
+    "read_logid",
+    "xact_status",
+]
+
+#: The alembic revision this code expects; tests check it is the migrations' head.
+SCHEMA_REVISION = "0002"
+VERSION_TABLE = "txmgr_alembic_version"
+
+XactStatus = Literal["committed", "aborted", "in progress"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRow:
+    """A commit decision that still has branches to finish (or not yet cleaned up)."""
+
+    txid: str
+    lxid: int
+    participants: tuple[str, ...]
+    created_at: datetime
+
+
+def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
+    """The log's id, after checking that its schema is at :data:`SCHEMA_REVISION`.
+
+    Raises LogSchemaError naming the command to run when it is not.
+    """
+    fix = "run `txmgr migrate --config FILE` (or txmgr.migrate(dsn)) against it"
+    try:
+        row = conn.execute(
+            "SELECT (SELECT logid FROM txmgr_log_meta), "
+            "(SELECT version_num FROM txmgr_alembic_version LIMIT 1)"
+        ).fetchone()
+    except psycopg.errors.UndefinedTable:
+        _reset(conn)
+        raise LogSchemaError(
+            f"the decision log at {mask(dsn)} has no txmgr tables: {fix}"
+        ) from None
+    _reset(conn)
+    assert row is not None
+    logid, revision = row
+    if revision != SCHEMA_REVISION or logid is None:
+        direction = "newer txmgr" if revision and revision > SCHEMA_REVISION else fix
+        raise LogSchemaError(
+            f"the decision log at {mask(dsn)} is at schema revision {revision!r}, this "
+            f"txmgr needs {SCHEMA_REVISION!r}: "
+            + (f"it was migrated by a {direction}; upgrade txmgr" if direction != fix else fix)
+        )
+    return str(logid)
+
+
+def open_decision(
+    conn: psycopg.Connection[Any],
+    txid: str,
+    participants: Sequence[str],
+    *,
+    idle_timeout: float,
+    forget: Sequence[str] = (),
+) -> int:
+    """Insert the decision row inside ``conn``'s open transaction; return its xid.
+
+    Also deletes the rows of ``forget`` (finished earlier), so that cleanup
+    costs no round trip of its own. One round trip in all (pipeline mode).
+    """
+    timeout_ms = max(1, int(idle_timeout * 1000))
+    with conn.pipeline():
+        # The decision must survive a crash of the log server before anybody is
+        # told it is committed, whatever the server default says.
+        conn.execute("SET LOCAL synchronous_commit = on")
+        # A coordinator that hangs inside the protocol is aborted by the server
+        # itself, so in-doubt branches never wait on a dead process forever.
+        conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}")
+        if forget:
+            conn.execute("DELETE FROM txmgr_decision WHERE txid = ANY(%s)", (list(forget),))
+        cur = conn.execute(
+            "INSERT INTO txmgr_decision (txid, lxid, participants) "
+            "VALUES (%s, pg_current_xact_id(), %s) RETURNING lxid::text",
+            (txid, list(participants)),
+        )
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def xact_status(conn: psycopg.Connection[Any], lxids: Iterable[int]) -> dict[int, XactStatus]:
+    """``pg_xact_status`` of each lxid: committed, aborted, in progress, or None.
+
+    None means the xid is older than the commit-log horizon; then the decision
+    row decides (present: committed; absent: aborted).
+    """
+    ids = sorted(set(lxids))
+    if not ids:
+        return {}
+    rows = conn.execute(
+        "SELECT x, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x",
+        (ids,),
+    ).fetchall()
+    _reset(conn)
+    return {int(r[0]): r[1] for r in rows}
+
+
+def decision_rows(conn: psycopg.Connection[Any]) -> list[DecisionRow]:
+    """Every decision row (committed decisions whose cleanup is pending)."""
+    rows = conn.execute(
+        "SELECT txid, lxid::text, participants, created_at FROM txmgr_decision ORDER BY created_at"
+    ).fetchall()
+    _reset(conn)
+    return [DecisionRow(r[0], int(r[1]), tuple(r[2]), r[3]) for r in rows]
+
+
+def delete_decisions(conn: psycopg.Connection[Any], txids: Sequence[str]) -> int:
+    """Delete the rows of ``txids``; returns how many existed."""
+    if not txids:
+        return 0
+    cur = conn.execute("DELETE FROM txmgr_decision WHERE txid = ANY(%s)", (list(txids),))
+    n = cur.rowcount
+    if not conn.autocommit:
+        conn.commit()
+    return n
+
+
+def _reset(conn: psycopg.Connection[Any]) -> None:
+    # Reads on a non-autocommit connection leave a transaction open; end it so
+    # that a pooled log connection never idles in a transaction.
+    if not conn.autocommit and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()

@@ -1,0 +1,198 @@
+"""One participant database: its connection pool and the two-phase commands.
+
+The contract, in call order, for one branch of a global transaction:
+
+1. ``checkout()`` a connection; the application works on it (transaction open).
+2. ``vote(conn)``: does the branch hold writes? (``pg_current_xact_id_if_assigned``)
+3. ``prepare(conn, gid)``: ``PREPARE TRANSACTION``; may fail (the vote "no").
+4. ``commit_prepared(conn, gid)`` or ``rollback_prepared(conn, gid)``: should
+   never fail; when they do, recovery finishes the branch.
+5. ``release(conn)`` returns the connection to the pool.
+
+The functions on plain connections (``list_prepared``, ``finish_prepared``)
+are shared with recovery. Nothing here knows about the decision log.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+import psycopg_pool
+from psycopg import sql
+
+from txmgr._branch import BranchConnection
+from txmgr._dsn import mask, redact
+from txmgr.errors import (
+    ParticipantUnavailable,
+    PreparedTransactionsDisabled,
+    UnsupportedServer,
+)
+
+__all__ = [
+    "MIN_SERVER_VERSION",
+    "FinishResult",
+    "Participant",
+    "PreparedBranch",
+    "check_server",
+    "connect",
+    "finish_prepared",
+    "list_prepared",
+]
+
+MIN_SERVER_VERSION = 130000  # pg_current_xact_id() / pg_xact_status(xid8) appeared in 13
+FinishResult = Literal["done", "missing", "busy"]
+
+
+def connect(dsn: str, name: str, *, connect_timeout: float = 10.0, **kwargs: Any) -> psycopg.Connection[Any]:
+    """A direct connection, with any failure turned into ParticipantUnavailable."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout)), **kwargs)
+    except psycopg.OperationalError as e:
+        raise ParticipantUnavailable(
+            f"cannot connect to {name!r} at {mask(dsn)}: {redact(str(e)).strip()} "
+            "(check host, port, database name, user and password)",
+            participant=name,
+        ) from None
+
+
+def check_server(conn: psycopg.Connection[Any], name: str, *, needs_prepare: bool = True) -> None:
+    """Raise a typed error when the server cannot host branches of a global transaction."""
+    version = conn.info.server_version
+    if version < MIN_SERVER_VERSION:
+        raise UnsupportedServer(
+            f"participant {name!r} runs PostgreSQL {version // 10000}; txmgr needs "
+            "PostgreSQL 13 or newer (for pg_current_xact_id and pg_xact_status)",
+            participant=name,
+        )
+    if needs_prepare:
+        row = conn.execute("SELECT current_setting('max_prepared_transactions')::int").fetchone()
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        if row is None or row[0] <= 0:
+            raise PreparedTransactionsDisabled(
+                f"participant {name!r} has max_prepared_transactions = 0, so it cannot "
+                "prepare transactions: set max_prepared_transactions to at least "
+                "max_connections in its postgresql.conf (ALTER SYSTEM SET "
+                "max_prepared_transactions = 100) and restart that server",
+                participant=name,
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBranch:
+    """A row of pg_prepared_xacts in the participant's own database."""
+
+    gid: str
+    prepared: datetime
+    owner: str
+
+
+def list_prepared(conn: psycopg.Connection[Any], prefix: str) -> list[PreparedBranch]:
+    """Prepared transactions of this database whose gid starts with ``prefix``."""
+    # COMMIT PREPARED only works from the database that prepared the branch, and
+    # gids are server-wide: filter on current_database().
+    rows = conn.execute(
+        "SELECT gid, prepared, owner FROM pg_prepared_xacts "
+        "WHERE database = current_database() AND starts_with(gid, %s) ORDER BY prepared",
+        (prefix,),
+    ).fetchall()
+    return [PreparedBranch(r[0], r[1], r[2]) for r in rows]
+
+
+def finish_prepared(conn: psycopg.Connection[Any], gid: str, *, commit: bool) -> FinishResult:
+    """COMMIT or ROLLBACK PREPARED ``gid`` on an autocommit connection.
+
+    Idempotent: "does not exist" means somebody else finished it ("missing");
+    "is busy" means another session is finishing it right now ("busy").
+    """
+    verb = "COMMIT PREPARED {}" if commit else "ROLLBACK PREPARED {}"
+    try:
+        conn.execute(sql.SQL(verb).format(sql.Literal(gid)))
+    except psycopg.errors.UndefinedObject:  # 42704
+        return "missing"
+    except psycopg.errors.ObjectNotInPrerequisiteState:  # 55000: in use by another backend
+        return "busy"
+    return "done"
+
+
+class Participant:
+    """A named participant: its DSN, its pool and the server check on first use."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._pool: psycopg_pool.ConnectionPool[BranchConnection] | None = None  # opened lazily
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Participant({self.name!r}, {mask(self.dsn)!r})"
+
+    def pool(self) -> psycopg_pool.ConnectionPool[BranchConnection]:
+        """The pool, opened on first use after checking the server once."""
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._closed:
+                raise ParticipantUnavailable(
+                    f"participant {self.name!r}: the transaction manager is closed",
+                    participant=self.name,
+                )
+            if self._pool is None:
+                with connect(self.dsn, self.name, connect_timeout=self._connect_timeout) as c:
+                    check_server(c, self.name)
+                self._pool = psycopg_pool.ConnectionPool(
+                    self.dsn,
+                    connection_class=BranchConnection,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    kwargs={"connect_timeout": max(1, round(self._connect_timeout))},
+                    name=f"txmgr-{self.name}",
+                    open=True,
+                )
+            return self._pool
+
+    def checkout(self) -> BranchConnection:
+        """A connection from the pool (not in a transaction, not autocommit)."""
+        pool = self.pool()
+        try:
+            return pool.getconn(timeout=self._connect_timeout)
+        except psycopg_pool.PoolTimeout as e:
+            raise ParticipantUnavailable(
+                f"no connection to {self.name!r} at {mask(self.dsn)} within "
+                f"{self._connect_timeout:g}s: the server is down or the pool "
+                f"(max_size={self._max_size}) is exhausted",
+                participant=self.name,
+            ) from e
+
+    def release(self, conn: BranchConnection) -> None:
+        """Give a connection back; the pool rolls back anything left open."""
+        conn._txmgr_branch = None
+        pool = self._pool
+        if pool is None:
+            conn.close()
+        else:
+            pool.putconn(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()

@@ -1,0 +1,100 @@
+"""A coordinator process that kills itself (SIGKILL) at a chosen protocol step.
+
+Crash tests and ``txmgr demo`` run it as a subprocess to prove that recovery
+finishes whatever a dead coordinator leaves prepared::
+
+    python -m txmgr.testing.killed_coordinator SPEC_JSON
+
+``SPEC_JSON`` is a JSON object: ``participants`` (name -> DSN), ``log`` (DSN
+or participant name), ``statements`` (name -> list of SQL strings run in that
+participant's branch) and ``kill_at``, one of:
+
+- ``after_vote``: before anything is prepared;
+- ``after_prepare``: right after the first branch is prepared (others may
+  or may not be);
+- ``before_decision``: every branch prepared, decision not committed;
+- ``after_decision``: decision committed, no branch committed;
+- ``after_commit_prepared``: after the first branch is committed.
+
+It prints ``TXID <txid>`` before committing, so the caller knows which
+transaction to look for. If it survives (bad ``kill_at``), it exits 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from txmgr.hooks import Hooks
+from txmgr.manager import TransactionManager
+
+__all__ = ["KILL_POINTS", "KillingHooks", "main"]
+
+KILL_POINTS = (
+    "after_vote",
+    "after_prepare",
+    "before_decision",
+    "after_decision",
+    "after_commit_prepared",
+)
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillingHooks(Hooks):
+    """Hooks that SIGKILL the process at ``point``."""
+
+    def __init__(self, point: str) -> None:
+        if point not in KILL_POINTS:
+            raise ValueError(f"kill_at must be one of {KILL_POINTS}, not {point!r}")
+        self.point = point
+
+    def after_vote(self, txid: str, writers: list[str]) -> None:
+        if self.point == "after_vote":
+            _die()
+
+    def after_prepare(self, txid: str, participant: str, gid: str) -> None:
+        if self.point == "after_prepare":
+            _die()
+
+    def before_decision(self, txid: str, lxid: int) -> None:
+        if self.point == "before_decision":
+            _die()
+
+    def after_decision(self, txid: str, lxid: int) -> None:
+        if self.point == "after_decision":
+            _die()
+
+    def after_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
+        if self.point == "after_commit_prepared":
+            _die()
+
+
+def run(spec: dict[str, Any]) -> None:
+    tm = TransactionManager(
+        spec["participants"], spec["log"], pool_min_size=0, hooks=KillingHooks(spec["kill_at"])
+    )
+    with tm.transaction() as tx:
+        print(f"TXID {tx.txid}", flush=True)
+        for name, statements in spec["statements"].items():
+            for stmt in statements:
+                tx.connection(name).execute(stmt)
+    tm.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.exit("usage: python -m txmgr.testing.killed_coordinator SPEC_JSON")
+    run(json.loads(args[0]))
+    sys.exit(3)  # still alive: the kill point was never reached
+
+
+if __name__ == "__main__":
+    main()

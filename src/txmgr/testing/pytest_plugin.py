@@ -1,0 +1,123 @@
+"""pytest fixtures providing real PostgreSQL servers (see :mod:`txmgr.testing`).
+
+Loaded through the ``pytest11`` entry point ``txmgr`` or with
+``-p txmgr.testing.pytest_plugin``. Importing it is cheap: servers are started by the
+fixtures, on first use, and the harness modules are imported only then.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
+
+import pytest
+
+if TYPE_CHECKING:
+    from ._admin import Server
+    from ._server import PgServer
+
+__all__ = ["MakeDatabase", "crash_server", "make_database", "pg_server", "pg_servers"]
+
+_SERVER_COUNT = 2
+_ENTRY_POINT = "txmgr"  # name of this plugin's pytest11 entry point
+_DSNS_ENV_VAR = "TXMGR_TEST_DSNS"
+
+
+class MakeDatabase(Protocol):
+    """Type of the ``make_database`` fixture, for annotating test parameters."""
+
+    def __call__(self, server: Server | None = None) -> str: ...
+
+
+def pytest_plugin_registered(
+    plugin: object, plugin_name: str, manager: pytest.PytestPluginManager
+) -> None:
+    # `-p txmgr.testing.pytest_plugin` registers this module under its module name; the
+    # installed entry point would then register the same module again under "txmgr",
+    # which pytest rejects ("Plugin already registered under a different name").
+    # Blocking the entry point's name makes the -p spelling work installed or not.
+    if plugin is sys.modules[__name__] and plugin_name != _ENTRY_POINT:
+        manager.set_blocked(_ENTRY_POINT)
+
+
+def _start_servers(count: int) -> list[PgServer]:
+    from ._server import PgServer
+
+    servers = [PgServer() for _ in range(count)]
+    # Each start costs about a second, mostly waiting for initdb: overlap them.
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(server.start) for server in servers]
+    errors = [exc for f in futures if (exc := f.exception()) is not None]
+    if errors:
+        for server in servers:
+            server.destroy()
+        raise errors[0]
+    return servers
+
+
+@pytest.fixture(scope="session")
+def pg_servers() -> Iterator[list[Server]]:
+    """Two servers for the session: from ``$TXMGR_TEST_DSNS``, else started here."""
+    from ._env import servers_from_env
+
+    external = servers_from_env(_SERVER_COUNT)
+    if external is not None:
+        yield external
+        return
+    started = _start_servers(_SERVER_COUNT)
+    try:
+        yield list(started)
+    finally:
+        for server in started:
+            server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_servers: list[Server]) -> Server:
+    """The first of :func:`pg_servers`."""
+    return pg_servers[0]
+
+
+@pytest.fixture
+def make_database(pg_server: Server) -> Iterator[MakeDatabase]:
+    """Factory ``make_database(server=None) -> dsn`` of fresh databases.
+
+    Every database is dropped when the test ends, after rolling back the prepared
+    transactions the test left behind (they would block DROP DATABASE).
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    made: list[tuple[Server, str]] = []
+
+    def make(server: Server | None = None) -> str:
+        target = server if server is not None else pg_server
+        dsn = target.create_database()
+        made.append((target, str(conninfo_to_dict(dsn)["dbname"])))
+        return dsn
+
+    yield make
+    errors: list[Exception] = []
+    for server, name in reversed(made):
+        try:
+            server.drop_database(name)
+        except Exception as exc:  # drop the others anyway, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def crash_server() -> Iterator[PgServer]:
+    """A private server the test may ``crash()``, ``restart()`` or ``stop()``."""
+    if os.environ.get(_DSNS_ENV_VAR, "").strip():
+        pytest.skip(
+            f"crash_server needs a server started by the harness, but {_DSNS_ENV_VAR} "
+            "selects external servers, which cannot be crashed"
+        )
+    from ._server import PgServer
+
+    with PgServer() as server:
+        yield server

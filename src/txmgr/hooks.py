@@ -29,5 +29,8 @@ class Hooks:
     def after_decision(self, txid: str, lxid: int) -> None:
         """The commit decision is durable; no branch is committed yet."""
 
+    def before_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
+        """``COMMIT PREPARED`` of ``participant``'s branch is about to be sent."""
+
     def after_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
         """``participant``'s prepared branch is committed."""

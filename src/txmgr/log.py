@@ -3,8 +3,15 @@
 The commit point of a global transaction is the commit of one ordinary
 PostgreSQL transaction ``L`` on the log database. ``L`` inserts the decision
 row; its xid (``lxid``) is written into every branch gid, so anyone can ask
-the log database what was decided with ``pg_xact_status(lxid)``: committed,
-aborted, or still in progress. Presumed abort: an aborted ``L`` leaves nothing.
+the log database whether ``L`` is still running (``pg_xact_status(lxid)``).
+Presumed abort: an aborted ``L`` leaves nothing.
+
+Once ``L`` is no longer in progress, the *row* decides, not the xid's status:
+an xid that never reached the WAL can be handed out again after the log
+server crashes, so after a crash ``pg_xact_status(lxid)`` may describe some
+other transaction. The row carries the random txid, which no other
+transaction can commit. The row must be read in a statement that starts after
+``L`` was seen finished (a fresh snapshot), see :func:`committed_txids`.
 
 The contract (narrow on purpose, so that a replicated log is a second
 implementation of it, not a rewrite):
@@ -12,7 +19,8 @@ implementation of it, not a rewrite):
 - ``open_decision(conn, txid, participants, …) -> lxid`` — inside the open
   transaction of ``conn`` (which becomes ``L``); may fail.
 - committing ``conn`` is the decision; rolling it back is the abort.
-- ``xact_status(conn, lxids)`` — what was decided, for recovery.
+- ``xact_status(conn, lxids)`` — is the decision transaction still running?
+- ``committed_txids(conn, txids)`` — which of these decisions committed.
 - ``decision_rows`` / ``delete_decisions`` — bookkeeping of finished rows.
 
 Everything here takes a connection to the log database; nothing here knows
@@ -27,6 +35,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 
 from txmgr._dsn import mask
 from txmgr.errors import LogSchemaError
@@ -35,6 +44,7 @@ __all__ = [
     "SCHEMA_REVISION",
     "DecisionRow",
     "XactStatus",
+    "committed_txids",
     "decision_rows",
     "delete_decisions",
     "open_decision",
@@ -46,7 +56,10 @@ __all__ = [
 SCHEMA_REVISION = "0002"
 VERSION_TABLE = "txmgr_alembic_version"
 
-XactStatus = Literal["committed", "aborted", "in progress"] | None
+#: pg_xact_status, plus "future" for an xid the server has not handed out
+#: (yet, or again: the log server crashed and lost it). None: older than the
+#: commit-log horizon.
+XactStatus = Literal["committed", "aborted", "in progress", "future"] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,46 +109,99 @@ def open_decision(
     idle_timeout: float,
     forget: Sequence[str] = (),
 ) -> int:
-    """Insert the decision row inside ``conn``'s open transaction; return its xid.
+    """Insert the decision row, opening ``L`` on ``conn`` (or inside its open
+    transaction); return ``L``'s xid.
 
     Also deletes the rows of ``forget`` (finished earlier), so that cleanup
-    costs no round trip of its own. One round trip in all (pipeline mode).
+    costs no round trip of its own. One round trip in all: one simple-protocol
+    query string, with every value quoted by psycopg (``sql.Literal``).
     """
     timeout_ms = max(1, int(idle_timeout * 1000))
-    with conn.pipeline():
-        # The decision must survive a crash of the log server before anybody is
-        # told it is committed, whatever the server default says.
-        conn.execute("SET LOCAL synchronous_commit = on")
-        # A coordinator that hangs inside the protocol is aborted by the server
-        # itself, so in-doubt branches never wait on a dead process forever.
-        conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {timeout_ms}")
-        if forget:
-            conn.execute("DELETE FROM txmgr_decision WHERE txid = ANY(%s)", (list(forget),))
-        cur = conn.execute(
-            "INSERT INTO txmgr_decision (txid, lxid, participants) "
-            "VALUES (%s, pg_current_xact_id(), %s) RETURNING lxid::text",
-            (txid, list(participants)),
+    parts: list[sql.Composable] = []
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        parts.append(sql.SQL("BEGIN"))
+    # The decision must survive a crash of the log server before anybody is
+    # told it is committed, whatever the server default says.
+    parts.append(sql.SQL("SET LOCAL synchronous_commit = on"))
+    # A coordinator that hangs inside the protocol is aborted by the server
+    # itself, so in-doubt branches never wait on a dead process forever.
+    # (Sent in the simple protocol on purpose: PostgreSQL 15 did not arm this
+    # timer when the SET came through a pipeline of the extended protocol.)
+    parts.append(
+        sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
+            sql.Literal(timeout_ms)
         )
+    )
+    if forget:
+        parts.append(
+            sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
+                sql.Literal(list(forget))
+            )
+        )
+    parts.append(
+        sql.SQL(
+            "INSERT INTO txmgr_decision (txid, lxid, participants) "
+            "VALUES ({}, pg_current_xact_id(), {}::text[]) RETURNING lxid::text"
+        ).format(sql.Literal(txid), sql.Literal(list(participants)))
+    )
+    cur = psycopg.ClientCursor(conn)
+    cur.execute(sql.SQL("; ").join(parts))
+    while cur.nextset():  # the INSERT's RETURNING is the last result
+        pass
     row = cur.fetchone()
     assert row is not None
     return int(row[0])
 
 
 def xact_status(conn: psycopg.Connection[Any], lxids: Iterable[int]) -> dict[int, XactStatus]:
-    """``pg_xact_status`` of each lxid: committed, aborted, in progress, or None.
+    """``pg_xact_status`` of each lxid; only "in progress" means "wait".
 
-    None means the xid is older than the commit-log horizon; then the decision
-    row decides (present: committed; absent: aborted).
+    Any other answer means ``L`` is over; then :func:`committed_txids`, in a
+    later statement, tells commit from abort.
     """
     ids = sorted(set(lxids))
     if not ids:
         return {}
+    try:
+        return _xact_status(conn, ids)
+    except psycopg.errors.InvalidParameterValue:
+        # "transaction ID … is in the future": the log server crashed and never
+        # handed that xid out again (yet). Ask one by one to find which.
+        _reset(conn)
+    out: dict[int, XactStatus] = {}
+    for x in ids:
+        try:
+            out.update(_xact_status(conn, [x]))
+        except psycopg.errors.InvalidParameterValue:
+            _reset(conn)
+            out[x] = "future"
+    return out
+
+
+def _xact_status(conn: psycopg.Connection[Any], ids: list[int]) -> dict[int, XactStatus]:
     rows = conn.execute(
-        "SELECT x, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x",
-        (ids,),
+        "SELECT x, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x", (ids,)
     ).fetchall()
     _reset(conn)
     return {int(r[0]): r[1] for r in rows}
+
+
+def committed_txids(conn: psycopg.Connection[Any], txids: Iterable[str]) -> set[str]:
+    """The txids among ``txids`` whose decision row exists: their ``L`` committed.
+
+    Call only for txids whose ``L`` :func:`xact_status` already reported as not
+    in progress, in a later statement: then the row is visible iff ``L``
+    committed. (Rows are deleted only after every branch is committed, so a
+    branch still prepared always finds its row.)
+    """
+    wanted = sorted(set(txids))
+    if not wanted:
+        return set()
+    rows = conn.execute(
+        "SELECT txid FROM txmgr_decision WHERE txid = ANY(%s)", (wanted,)
+    ).fetchall()
+    _reset(conn)
+    return {r[0] for r in rows}
 
 
 def decision_rows(conn: psycopg.Connection[Any]) -> list[DecisionRow]:

@@ -177,7 +177,12 @@ class TransactionManager:
                         self.config.log_dsn,
                         min_size=self.config.pool_min_size,
                         max_size=self.config.pool_max_size,
-                        kwargs={"connect_timeout": max(1, round(self.config.connect_timeout))},
+                        # autocommit: open_decision sends its own BEGIN in the
+                        # same round trip as the decision row.
+                        kwargs={
+                            "connect_timeout": max(1, round(self.config.connect_timeout)),
+                            "autocommit": True,
+                        },
                         name="txmgr-log",
                         open=True,
                     )

@@ -47,7 +47,9 @@ MIN_SERVER_VERSION = 130000  # pg_current_xact_id() / pg_xact_status(xid8) appea
 FinishResult = Literal["done", "missing", "busy"]
 
 
-def connect(dsn: str, name: str, *, connect_timeout: float = 10.0, **kwargs: Any) -> psycopg.Connection[Any]:
+def connect(
+    dsn: str, name: str, *, connect_timeout: float = 10.0, **kwargs: Any
+) -> psycopg.Connection[Any]:
     """A direct connection, with any failure turned into ParticipantUnavailable."""
     try:
         return psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout)), **kwargs)

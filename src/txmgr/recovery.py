@@ -7,11 +7,13 @@ One pass:
    missing from a later listing is finished).
 2. On every participant, in its own database, list the prepared gids of this
    log (``txm1_<logid>_``); ignore everything else.
-3. Ask the log ``pg_xact_status(lxid)`` for every gid's decision transaction:
-   committed → ``COMMIT PREPARED``; aborted → ``ROLLBACK PREPARED``;
-   in progress → leave it, a coordinator is inside the protocol;
-   NULL (older than the commit-log horizon) → the decision row decides.
-4. Delete decision rows whose branches are gone from every participant.
+3. Ask the log ``pg_xact_status(lxid)`` for every gid's decision transaction
+   ``L``: in progress → leave the branch, a coordinator is inside the protocol.
+4. For the others ``L`` is over; read their decision rows in a later
+   statement: row present → ``COMMIT PREPARED``, absent → ``ROLLBACK PREPARED``.
+   (The row, not the xid's status, decides: after a crash of the log server
+   an xid that never reached its WAL can be reused by another transaction.)
+5. Delete decision rows whose branches are gone from every participant.
 
 Every step is idempotent, so concurrent passes, or a pass racing a live
 coordinator, never do harm. No clock and no timeout decides anything.
@@ -159,8 +161,11 @@ class Recoverer:
                 report.unreachable.append(name)
                 report.errors.append(f"{name}: {redact(str(e))}")
         gids = {b.gid: Gid.parse(b.gid) for branches in listed.values() for b in branches}
+        ours = [g for g in gids.values() if g is not None]
         try:
-            statuses = self._statuses(lconn, [g.lxid for g in gids.values() if g is not None])
+            statuses = decision_log.xact_status(lconn, [g.lxid for g in ours])
+            over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
+            committed = decision_log.committed_txids(lconn, over)
         except psycopg.Error as e:
             self._drop("\0log")
             report.log_reachable = False
@@ -172,7 +177,11 @@ class Recoverer:
                 gid = gids[branch.gid]
                 if gid is None:  # our prefix but not our format: not ours to touch
                     continue
-                res = self._resolve(name, branch, gid, statuses.get(gid.lxid, "error"), rows)
+                if statuses.get(gid.lxid) == "in progress":
+                    res = Resolution(name, branch.gid, gid.txid, "in progress", branch.prepared,
+                                     "its coordinator is inside the commit protocol")
+                else:
+                    res = self._finish(name, branch, gid, commit=gid.txid in committed)
                 report.resolutions.append(res)
                 if res.outcome == "error":
                     report.errors.append(f"{name}: {res.gid}: {res.detail}")
@@ -183,42 +192,10 @@ class Recoverer:
         self._cleanup(lconn, rows, listed, remaining, report)
         return report
 
-    def _statuses(
-        self, lconn: psycopg.Connection[Any], lxids: list[int]
-    ) -> dict[int, decision_log.XactStatus | Literal["error"]]:
-        try:
-            return dict(decision_log.xact_status(lconn, lxids))
-        except psycopg.errors.InvalidParameterValue:
-            # An xid "in the future" (a log restored from an old backup, or the
-            # wrong cluster): decide the others, report these.
-            out: dict[int, decision_log.XactStatus | Literal["error"]] = {}
-            for x in lxids:
-                try:
-                    out.update(decision_log.xact_status(lconn, [x]))
-                except psycopg.errors.InvalidParameterValue:
-                    out[x] = "error"
-            return out
-
-    def _resolve(
-        self,
-        name: str,
-        branch: PreparedBranch,
-        gid: Gid,
-        status: decision_log.XactStatus | Literal["error"],
-        rows: dict[str, decision_log.DecisionRow],
-    ) -> Resolution:
+    def _finish(self, name: str, branch: PreparedBranch, gid: Gid, *, commit: bool) -> Resolution:
         def result(outcome: Outcome, detail: str = "") -> Resolution:
             return Resolution(name, branch.gid, gid.txid, outcome, branch.prepared, detail)
 
-        if status == "in progress":
-            return result("in progress", "its coordinator is inside the commit protocol")
-        if status == "error":
-            return result(
-                "error",
-                f"the log cannot tell the status of xid {gid.lxid} (it is in its future: "
-                "was the log database restored from a backup?); resolve it by hand",
-            )
-        commit = status == "committed" or (status is None and gid.txid in rows)
         try:
             done = finish_prepared(self._conns[name], branch.gid, commit=commit)
         except psycopg.errors.InsufficientPrivilege as e:

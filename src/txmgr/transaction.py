@@ -302,6 +302,7 @@ class Transaction:
 
         def commit_prepared(b: _Branch) -> None:
             assert b.gid is not None
+            tm.hooks.before_commit_prepared(self.txid, b.name, b.gid)
             _finish(b, commit=True)
             tm.hooks.after_commit_prepared(self.txid, b.name, b.gid)
 
@@ -346,16 +347,20 @@ class Transaction:
         ) from error
 
     def _confirm(self, lxid: int) -> decision_log.XactStatus:
+        """"committed", "aborted" or "in progress" (= could not learn) for our ``L``."""
         deadline = time.monotonic() + CONFIRM_PATIENCE
         while True:
             try:
                 with self._tm.confirm_connection() as conn:
                     status = decision_log.xact_status(conn, [lxid]).get(lxid)
+                    if status != "in progress":
+                        # L is over; its row (read in a later statement) says how.
+                        done = decision_log.committed_txids(conn, [self.txid])
+                        return "committed" if self.txid in done else "aborted"
             except Exception as e:
                 logger.warning("txid=%s: cannot reach the log to confirm: %s", self.txid, e)
-                status = "in progress"
-            if status != "in progress" or time.monotonic() >= deadline:
-                return status
+            if time.monotonic() >= deadline:
+                return "in progress"
             time.sleep(0.1)  # the old session is still being torn down by the server
 
     def _abort(self, message: str, cause: BaseException | None) -> Any:

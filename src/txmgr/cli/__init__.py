@@ -12,8 +12,11 @@ import click
 
 from txmgr import __version__
 from txmgr.cli._common import run_main
+from txmgr.cli._daemon import daemon_cmd
 from txmgr.cli._migrate import migrate_cmd
 from txmgr.cli._recover import recover_cmd
+from txmgr.cli._resolve import resolve_cmd
+from txmgr.cli._status import status_cmd
 
 __all__ = ["cli", "main"]
 
@@ -26,6 +29,9 @@ def cli() -> None:
 
 cli.add_command(migrate_cmd)
 cli.add_command(recover_cmd)
+cli.add_command(daemon_cmd)
+cli.add_command(status_cmd)
+cli.add_command(resolve_cmd)
 
 
 def _add_optional() -> None:

@@ -14,7 +14,8 @@ participant's branch) and ``kill_at``, one of:
   or may not be);
 - ``before_decision``: every branch prepared, decision not committed;
 - ``after_decision``: decision committed, no branch committed;
-- ``after_commit_prepared``: after the first branch is committed.
+- ``after_commit_prepared``: after exactly one branch is committed (the
+  others are held back so that the kill falls between COMMIT PREPAREDs).
 
 It prints ``TXID <txid>`` before committing, so the caller knows which
 transaction to look for. If it survives (bad ``kill_at``), it exits 3.
@@ -26,6 +27,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from txmgr.hooks import Hooks
@@ -54,6 +56,7 @@ class KillingHooks(Hooks):
         if point not in KILL_POINTS:
             raise ValueError(f"kill_at must be one of {KILL_POINTS}, not {point!r}")
         self.point = point
+        self._first = threading.Lock()
 
     def after_vote(self, txid: str, writers: list[str]) -> None:
         if self.point == "after_vote":
@@ -70,6 +73,12 @@ class KillingHooks(Hooks):
     def after_decision(self, txid: str, lxid: int) -> None:
         if self.point == "after_decision":
             _die()
+
+    def before_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
+        # COMMIT PREPAREDs run in parallel: let one through, hold the others
+        # forever, so that exactly one branch is committed when we die.
+        if self.point == "after_commit_prepared" and not self._first.acquire(blocking=False):
+            threading.Event().wait()
 
     def after_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
         if self.point == "after_commit_prepared":

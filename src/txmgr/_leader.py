@@ -1,0 +1,139 @@
+"""Which of several daemons sharing one decision log is active: a session advisory lock.
+
+The active daemon holds ``pg_try_advisory_lock(key)`` on a connection of its
+own to the log database; ``key`` is derived from the logid, so daemons that
+reach the same log through different DSNs still compete for one lock. The lock
+lives as long as that session: when the daemon is SIGKILLed, or its connection
+dies, the server releases it and a standby's next attempt wins.
+
+Safety never depends on this lock (recovery is idempotent); it only keeps
+several daemons from doing the same work at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Any, Literal
+
+import psycopg
+
+from txmgr import log as decision_log
+from txmgr._dsn import redact
+from txmgr.errors import TxmgrError
+from txmgr.participant import connect
+
+__all__ = ["LeaderLock", "LeaderState", "lock_key"]
+
+logger = logging.getLogger("txmgr.daemon")
+
+LeaderState = Literal["active", "standby", "unreachable"]
+
+
+def lock_key(logid: str) -> int:
+    """The 64-bit advisory lock key of the log ``logid`` (signed, as PostgreSQL's bigint)."""
+    digest = hashlib.sha256(f"txmgr:{logid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class LeaderLock:
+    """The leadership lock on the log database; call :meth:`ensure` once per pass."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        name: str = "log",
+        connect_timeout: float = 10.0,
+        application_name: str = "txmgr-daemon",
+        dead_peer_after: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._application_name = application_name[:63]
+        # Seconds after which either side gives up on a silent peer: the server
+        # then ends the session (releasing the lock for a standby) and we stop
+        # believing we are active.
+        self._dead_peer_after = max(3.0, dead_peer_after)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held = False
+        self.logid: str | None = None
+        self.last_error: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def ensure(self) -> LeaderState:
+        """Keep or try to take the lock: ``active``, ``standby`` or ``unreachable``."""
+        conn = self._conn
+        if conn is not None:
+            try:
+                # A cheap round trip proves the session (and so the lock) still exists.
+                conn.execute("SELECT 1")
+                if self._held:
+                    return "active"
+            except psycopg.Error as e:
+                if self._held:
+                    logger.warning(
+                        "lost the connection holding the recovery lock (%s): no longer active",
+                        redact(str(e)).strip(),
+                    )
+                self._close()
+        try:
+            conn = self._conn or self._connect()
+            self.logid = decision_log.read_logid(conn, self._dsn)
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.logid),)
+            ).fetchone()
+        except (psycopg.Error, TxmgrError) as e:
+            self.last_error = redact(str(e)).strip()
+            self._close()
+            return "unreachable"
+        self.last_error = None
+        self._held = bool(row and row[0])
+        return "active" if self._held else "standby"
+
+    def release(self) -> None:
+        """Give the lock up (closing the session releases it in any case)."""
+        conn = self._conn
+        if conn is not None and self._held and self.logid is not None:
+            # Closing the session below releases it as well, should this fail.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (lock_key(self.logid),))
+        self._close()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        idle = max(1, round(self._dead_peer_after / 3))
+        conn = connect(
+            self._dsn,
+            self._name,
+            connect_timeout=self._connect_timeout,
+            autocommit=True,
+            application_name=self._application_name,
+            # Client side: notice a dead server instead of hanging in the check.
+            keepalives=1,
+            keepalives_idle=idle,
+            keepalives_interval=idle,
+            keepalives_count=2,
+            tcp_user_timeout=int(self._dead_peer_after * 1000),
+        )
+        try:
+            # Server side: end the session of a vanished daemon so that its lock
+            # is released (ignored over Unix sockets, where death is seen at once).
+            conn.execute("SELECT set_config('tcp_keepalives_idle', %s, false)", (str(idle),))
+            conn.execute("SELECT set_config('tcp_keepalives_interval', %s, false)", (str(idle),))
+            conn.execute("SELECT set_config('tcp_keepalives_count', '2', false)")
+        except psycopg.Error:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _close(self) -> None:
+        self._held = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,125 @@
+"""``txmgr status``: what is prepared on every participant, and what the log says of it."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+import click
+
+from txmgr.cli._common import config_option, load_config
+from txmgr.status import StatusReport, inspect
+
+__all__ = ["Duration", "format_age", "status_cmd"]
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """Seconds, written as ``300``, ``90s``, ``5m``, ``1h``, ``1h30m`` or ``2d``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        pos, total = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m[1]) * _UNITS[m[2]]
+            pos = m.end()
+        if not text or pos != len(text):
+            self.fail(f"{value!r} is not a duration: write 300, 90s, 5m, 1h or 1h30m", param, ctx)
+        return total
+
+
+def format_age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@click.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+@click.option(
+    "--older-than",
+    type=Duration(),
+    default="5m",
+    show_default=True,
+    help="Exit 1 when a branch was prepared longer ago than this (300, 5m, 1h, ...).",
+)
+def status_cmd(config_path: str | None, as_json: bool, older_than: float) -> None:
+    """Every prepared branch on every participant, and the decision log's verdict.
+
+    Exit code 0 when every server answered and no branch is older than
+    --older-than, 1 otherwise (use it as a monitoring check), 2 on bad usage.
+    """
+    report = inspect(load_config(config_path))
+    if as_json:
+        click.echo(json.dumps(report.to_json(older_than), indent=2, default=str))
+    else:
+        _print_table(report, older_than)
+    sys.exit(0 if report.healthy(older_than) else 1)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    ]
+
+
+def _print_table(report: StatusReport, older_than: float) -> None:
+    echo = click.echo
+    if report.branches:
+        rows = [
+            [
+                b.participant,
+                b.gid,
+                format_age(b.age) + (" !" if b.age > older_than else ""),
+                b.decision,
+                str(b.locks),
+                ",".join(map(str, b.blocked_pids)) or "-",
+                b.owner,
+            ]
+            for b in report.branches
+        ]
+        for line in _table(
+            ["PARTICIPANT", "GID", "AGE", "DECISION", "LOCKS", "BLOCKS PIDS", "OWNER"], rows
+        ):
+            echo(line)
+    else:
+        echo("no prepared branches")
+    if report.pending:
+        echo("")
+        echo(f"decision rows waiting for cleanup: {len(report.pending)}")
+        rows = [
+            [p.txid, str(p.lxid), format_age(p.age), ",".join(p.participants)]
+            for p in report.pending
+        ]
+        for line in _table(["TXID", "LXID", "AGE", "PARTICIPANTS"], rows):
+            echo("  " + line)
+    for name, err in report.unreachable.items():
+        echo(f"participant {name}: UNREACHABLE: {err}", err=True)
+    if report.log_error is not None:
+        echo(f"decision log: UNREACHABLE: {report.log_error}", err=True)
+    stuck = report.stuck(older_than)
+    echo("")
+    echo(
+        f"{len(report.branches)} prepared, {len(stuck)} older than {format_age(older_than)}"
+        + ("" if report.healthy(older_than) else " — see `txmgr resolve --help`" if stuck else "")
+    )

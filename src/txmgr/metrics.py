@@ -1,0 +1,188 @@
+"""Prometheus metrics of the recovery daemon, and the HTTP server that exposes them.
+
+Every daemon has a registry of its own (not prometheus_client's global one),
+so that several daemons — in tests, or embedded in one process — never mix
+their numbers. Served paths:
+
+- ``/metrics``: the Prometheus text format;
+- ``/healthz``: 200 while the daemon reaches the decision log, 503 otherwise.
+
+Metric names (all prefixed ``txmgr_``):
+
+========================================  =====================================================
+``in_doubt_branches{participant,decision}``  prepared branches seen at the end of the last pass
+``oldest_in_doubt_seconds{participant}``  age of the oldest prepared branch (0 when none)
+``branches_resolved_total{participant,outcome}``  committed / rolled_back by this daemon
+``recovery_passes_total``                 recovery passes run while active
+``recovery_pass_duration_seconds``        histogram of their duration
+``recovery_errors_total{source}``         errors, by participant name or ``log``
+``participant_up{participant}``           1 when the participant answered the last pass
+``log_up``                                1 when the decision log answered
+``decision_rows``                         decision rows waiting for cleanup
+``daemon_active``                         1 when this daemon holds the recovery lock
+========================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from txmgr.status import StatusReport
+
+__all__ = ["DaemonMetrics", "MetricsServer"]
+
+#: ``(healthy, text)`` for /healthz.
+HealthCheck = Callable[[], tuple[bool, str]]
+
+_PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class DaemonMetrics:
+    """The daemon's metrics, in a registry of their own."""
+
+    def __init__(self, participants: Iterable[str], registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.participants = list(participants)
+        r = self.registry
+        self.in_doubt = Gauge(
+            "txmgr_in_doubt_branches",
+            "Prepared branches on the participant at the end of the last pass, by the log's "
+            "decision (commit, abort, in progress, not ours, unknown)",
+            ["participant", "decision"],
+            registry=r,
+        )
+        self.oldest = Gauge(
+            "txmgr_oldest_in_doubt_seconds",
+            "Age of the oldest prepared branch on the participant (0 when none)",
+            ["participant"],
+            registry=r,
+        )
+        self.resolved = Counter(
+            "txmgr_branches_resolved",
+            "Prepared branches this daemon finished, by outcome (committed, rolled_back)",
+            ["participant", "outcome"],
+            registry=r,
+        )
+        self.passes = Counter(
+            "txmgr_recovery_passes", "Recovery passes run while active", registry=r
+        )
+        self.pass_duration = Histogram(
+            "txmgr_recovery_pass_duration_seconds",
+            "Duration of recovery passes",
+            buckets=_PASS_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "txmgr_recovery_errors",
+            "Errors met by the daemon, by source (a participant name, or 'log')",
+            ["source"],
+            registry=r,
+        )
+        self.participant_up = Gauge(
+            "txmgr_participant_up",
+            "1 when the participant answered the daemon's last look, else 0",
+            ["participant"],
+            registry=r,
+        )
+        self.log_up = Gauge("txmgr_log_up", "1 when the decision log answered", registry=r)
+        self.decision_rows = Gauge(
+            "txmgr_decision_rows", "Decision rows waiting for cleanup", registry=r
+        )
+        self.active = Gauge(
+            "txmgr_daemon_active", "1 when this daemon holds the recovery lock", registry=r
+        )
+        for name in self.participants:
+            self.oldest.labels(name).set(0)
+            for outcome in ("committed", "rolled_back"):
+                self.resolved.labels(name, outcome)  # exported as 0 before the first one
+        self._seen: set[tuple[str, str]] = set()  # in_doubt label pairs set last time
+
+    def record_status(self, report: StatusReport) -> None:
+        """Set the in-doubt gauges from a fresh :class:`StatusReport`."""
+        counts: dict[tuple[str, str], int] = {}  # (participant, decision) -> branches
+        oldest: dict[str, float] = dict.fromkeys(self.participants, 0.0)
+        for b in report.branches:
+            key: tuple[str, str] = (b.participant, b.decision)
+            counts[key] = counts.get(key, 0) + 1
+            oldest[b.participant] = max(oldest.get(b.participant, 0.0), b.age)
+        for key in self._seen - set(counts):
+            self.in_doubt.labels(*key).set(0)  # keep the series, at 0, once it existed
+        for key, n in counts.items():
+            self.in_doubt.labels(*key).set(n)
+        self._seen |= set(counts)
+        for name, age in oldest.items():
+            if name in report.unreachable:
+                continue  # unknown: keep the last value rather than claim 0
+            self.oldest.labels(name).set(age)
+        for name in self.participants:
+            self.participant_up.labels(name).set(0 if name in report.unreachable else 1)
+        if report.log_reachable:
+            self.decision_rows.set(len(report.pending))
+
+
+class MetricsServer:
+    """``/metrics`` and ``/healthz`` over HTTP, served from a daemon thread."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        health: HealthCheck,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self._metrics_app = make_wsgi_app(registry)
+        self._health = health
+        self._server: WSGIServer = make_server(
+            host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="txmgr-metrics", daemon=True
+        )
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/healthz":
+            ok, text = self._health()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [text.encode() + b"\n"]
+        if path in ("/metrics", "/"):
+            result: Iterable[bytes] = self._metrics_app(environ, start_response)
+            return result
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics or /healthz\n"]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    # One thread per request: a slow scraper must not hold up /healthz.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""

@@ -1,0 +1,354 @@
+"""What is in doubt: every prepared branch on every participant, and what the log says of it.
+
+Used by ``txmgr status`` (a table for people, JSON for scripts, an exit code
+for monitoring) and by the daemon's metrics. It only reads; nothing here
+commits or rolls back anything.
+
+For each participant, in its own database, every row of ``pg_prepared_xacts``
+is reported — not only txmgr's, because any forgotten prepared transaction
+holds locks and holds back VACUUM — with:
+
+- ``decision``: what finishing it would mean according to the decision log:
+  ``commit`` or ``abort`` (recovery will do it on its next pass), ``in
+  progress`` (a coordinator is inside the commit protocol), ``not ours`` (not
+  a txmgr gid, or one of another log: only ``txmgr resolve --force`` finishes
+  it), ``unknown`` (the log is unreachable, or cannot tell).
+- ``locks``: how many locks it holds, and ``blocked_pids``: the sessions
+  waiting on one of them right now.
+
+The verdict follows recovery: ``pg_xact_status(lxid)`` only tells whether
+the decision transaction is still running; once it is not, the decision row —
+read in a later statement — decides (present: commit, absent: abort).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import psycopg
+
+from txmgr import log as decision_log
+from txmgr._dsn import redact
+from txmgr._gid import Gid
+from txmgr.config import Config
+from txmgr.errors import TxmgrError
+from txmgr.participant import connect
+
+__all__ = [
+    "BranchStatus",
+    "Decision",
+    "Inspector",
+    "PendingDecision",
+    "StatusReport",
+    "classify",
+    "inspect",
+]
+
+Decision = Literal["commit", "abort", "in progress", "not ours", "unknown"]
+
+#: Lock modes that conflict, from the table "Conflicting Lock Modes" of the
+#: PostgreSQL manual (the relation is symmetric; advisory locks use it too).
+_CONFLICTS: dict[str, tuple[str, ...]] = {
+    "AccessShareLock": ("AccessExclusiveLock",),
+    "RowShareLock": ("ExclusiveLock", "AccessExclusiveLock"),
+    "RowExclusiveLock": (
+        "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock",
+    ),
+    "ShareUpdateExclusiveLock": (
+        "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock",
+        "AccessExclusiveLock",
+    ),
+    "ShareLock": (
+        "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareRowExclusiveLock",
+        "ExclusiveLock", "AccessExclusiveLock",
+    ),
+    "ShareRowExclusiveLock": (
+        "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+        "ExclusiveLock", "AccessExclusiveLock",
+    ),
+    "ExclusiveLock": (
+        "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
+        "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock",
+    ),
+    "AccessExclusiveLock": (
+        "AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock",
+        "ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock",
+    ),
+}  # fmt: skip
+_HELD = [held for held, wanted in _CONFLICTS.items() for _ in wanted]
+_WANTED = [w for wanted in _CONFLICTS.values() for w in wanted]
+
+# A prepared transaction keeps its locks under a dummy process: pid is NULL.
+# Its virtual transaction id is found through the ExclusiveLock every
+# transaction holds on its own xid (the text of that vxid differs between
+# server versions, so it is looked up rather than spelled out). A session is
+# blocked by it when it waits (granted = false) for a lock on the same object
+# in a mode that conflicts with a mode the prepared transaction holds.
+_BRANCHES_SQL = """
+WITH locks AS MATERIALIZED (SELECT * FROM pg_locks),
+conflicts (held, wanted) AS (SELECT * FROM unnest(%(held)s::text[], %(wanted)s::text[])),
+px AS (
+    SELECT p.gid, p.prepared, p.owner, age(p.transaction) AS xid_age,
+           extract(epoch FROM clock_timestamp() - p.prepared)::float8 AS age,
+           (SELECT l.virtualtransaction FROM locks l
+             WHERE l.locktype = 'transactionid' AND l.transactionid = p.transaction
+               AND l.pid IS NULL AND l.granted
+             LIMIT 1) AS vxid
+    FROM pg_prepared_xacts p
+    WHERE p.database = current_database()
+),
+held AS (
+    SELECT px.gid, l.*
+    FROM px JOIN locks l ON l.virtualtransaction = px.vxid AND l.pid IS NULL AND l.granted
+)
+SELECT px.gid, px.prepared, px.owner, px.age, px.xid_age,
+       (SELECT count(*) FROM held h WHERE h.gid = px.gid) AS locks,
+       ARRAY(
+           SELECT DISTINCT w.pid
+           FROM held h
+           JOIN locks w
+             ON NOT w.granted AND w.pid IS NOT NULL
+            AND w.locktype = h.locktype
+            AND w.database IS NOT DISTINCT FROM h.database
+            AND w.relation IS NOT DISTINCT FROM h.relation
+            AND w.page IS NOT DISTINCT FROM h.page
+            AND w.tuple IS NOT DISTINCT FROM h.tuple
+            AND w.virtualxid IS NOT DISTINCT FROM h.virtualxid
+            AND w.transactionid IS NOT DISTINCT FROM h.transactionid
+            AND w.classid IS NOT DISTINCT FROM h.classid
+            AND w.objid IS NOT DISTINCT FROM h.objid
+            AND w.objsubid IS NOT DISTINCT FROM h.objsubid
+           JOIN conflicts c ON c.held = h.mode AND c.wanted = w.mode
+           WHERE h.gid = px.gid
+           ORDER BY w.pid
+       ) AS blocked
+FROM px
+ORDER BY px.prepared, px.gid
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BranchStatus:
+    """One prepared transaction on one participant."""
+
+    participant: str
+    gid: str
+    prepared_at: datetime
+    age: float  # seconds since PREPARE, by the participant server's clock
+    owner: str  # the role that prepared it: only it or a superuser can finish it
+    decision: Decision
+    txid: str | None  # the global transaction, for txmgr gids of this log
+    locks: int
+    blocked_pids: tuple[int, ...]
+    xid_age: int  # age(xid): how far it holds back VACUUM's freeze horizon
+    detail: str = ""
+
+    @property
+    def blocks(self) -> bool:
+        """Whether another session is waiting on one of its locks right now."""
+        return bool(self.blocked_pids)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["prepared_at"] = self.prepared_at.isoformat()
+        out["blocked_pids"] = list(self.blocked_pids)
+        out["blocks"] = self.blocks
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDecision:
+    """A decision row not cleaned up yet (some branch may still be prepared)."""
+
+    txid: str
+    lxid: int
+    participants: tuple[str, ...]
+    created_at: datetime
+    age: float
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["created_at"] = self.created_at.isoformat()
+        out["participants"] = list(self.participants)
+        return out
+
+
+@dataclass(slots=True)
+class StatusReport:
+    """Everything ``txmgr status`` shows."""
+
+    branches: list[BranchStatus] = field(default_factory=list)
+    pending: list[PendingDecision] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)  # participant -> error
+    log_error: str | None = None  # why the log could not be read, if it could not
+    logid: str | None = None
+
+    @property
+    def log_reachable(self) -> bool:
+        return self.log_error is None
+
+    def stuck(self, older_than: float) -> list[BranchStatus]:
+        """Branches prepared longer than ``older_than`` seconds ago."""
+        return [b for b in self.branches if b.age > older_than]
+
+    def healthy(self, older_than: float) -> bool:
+        """No branch older than ``older_than`` and every server answered."""
+        return not self.stuck(older_than) and not self.unreachable and self.log_reachable
+
+    def to_json(self, older_than: float) -> dict[str, Any]:
+        return {
+            "ok": self.healthy(older_than),
+            "older_than": older_than,
+            "logid": self.logid,
+            "log_error": self.log_error,
+            "unreachable": dict(self.unreachable),
+            "stuck": len(self.stuck(older_than)),
+            "branches": [b.to_json() for b in self.branches],
+            "pending_decisions": [p.to_json() for p in self.pending],
+        }
+
+
+def classify(
+    gid: str,
+    logid: str | None,
+    statuses: Mapping[int, decision_log.XactStatus],
+    committed: Iterable[str],
+) -> tuple[Decision, str | None, str]:
+    """The log's verdict on ``gid``: (decision, txid, explanation).
+
+    ``logid`` is None when the log could not be read; ``statuses`` maps lxids
+    to :func:`txmgr.log.xact_status` (a missing lxid: not asked, "unknown");
+    ``committed`` are the txids whose decision row was read after their
+    decision transaction was seen finished.
+    """
+    parsed = Gid.parse(gid)
+    if parsed is None:
+        return "not ours", None, "not a txmgr gid"
+    if logid is None:
+        return "unknown", parsed.txid, "the decision log is unreachable"
+    if parsed.logid != logid:
+        return (
+            "not ours",
+            parsed.txid,
+            f"belongs to another decision log (logid {parsed.logid}, this log is {logid})",
+        )
+    if parsed.lxid not in statuses:
+        return "unknown", parsed.txid, "the decision log was not asked (it failed meanwhile)"
+    if statuses[parsed.lxid] == "in progress":
+        return "in progress", parsed.txid, "its coordinator is inside the commit protocol"
+    if parsed.txid in set(committed):
+        return "commit", parsed.txid, "decision row present"
+    return "abort", parsed.txid, "no decision row (presumed abort)"
+
+
+def inspect(config: Config) -> StatusReport:
+    """One look at every participant and the log (connections closed afterwards)."""
+    inspector = Inspector(config)
+    try:
+        return inspector.inspect()
+    finally:
+        inspector.close()
+
+
+class Inspector:
+    """Builds :class:`StatusReport` s, keeping its connections between calls (for the daemon)."""
+
+    def __init__(self, config: Config, *, application_name: str = "txmgr-status") -> None:
+        self.config = config
+        self._application_name = application_name
+        self._conns: dict[str, psycopg.Connection[Any]] = {}  # "\0log" or participant -> conn
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    def _conn(self, key: str, dsn: str, name: str) -> psycopg.Connection[Any]:
+        conn = self._conns.get(key)
+        if conn is None or conn.closed or conn.broken:
+            conn = connect(
+                dsn,
+                name,
+                connect_timeout=self.config.connect_timeout,
+                autocommit=True,
+                application_name=self._application_name,
+            )
+            self._conns[key] = conn
+        return conn
+
+    def _drop(self, key: str) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def inspect(self) -> StatusReport:
+        report = StatusReport()
+        rows: list[decision_log.DecisionRow] = []
+        lconn: psycopg.Connection[Any] | None = None
+        try:
+            lconn = self._conn("\0log", self.config.log_dsn, self.config.log_participant or "log")
+            report.logid = decision_log.read_logid(lconn, self.config.log_dsn)
+            rows = decision_log.decision_rows(lconn)
+        except (psycopg.Error, TxmgrError) as e:
+            self._drop("\0log")
+            lconn = None
+            report.logid = None
+            report.log_error = redact(str(e))
+        now = datetime.now(UTC)
+        report.pending = [
+            PendingDecision(
+                r.txid, r.lxid, r.participants, r.created_at,
+                max(0.0, (now - r.created_at).total_seconds()),
+            )
+            for r in rows
+        ]  # fmt: skip
+        listed: list[tuple[str, tuple[Any, ...]]] = []
+        for name, dsn in self.config.participants.items():
+            try:
+                cur = self._conn(name, dsn, name).execute(
+                    _BRANCHES_SQL, {"held": _HELD, "wanted": _WANTED}
+                )
+                listed.extend((name, row) for row in cur.fetchall())
+            except (psycopg.Error, TxmgrError) as e:
+                self._drop(name)
+                report.unreachable[name] = redact(str(e))
+        statuses, committed = self._decisions(lconn, report, [row[0] for _, row in listed])
+        for name, (gid, prepared, owner, age, xid_age, locks, blocked) in listed:
+            decision, txid, detail = classify(gid, report.logid, statuses, committed)
+            report.branches.append(
+                BranchStatus(
+                    participant=name,
+                    gid=gid,
+                    prepared_at=prepared,
+                    age=max(0.0, float(age)),
+                    owner=owner,
+                    decision=decision,
+                    txid=txid,
+                    locks=int(locks),
+                    blocked_pids=tuple(int(p) for p in blocked),
+                    xid_age=int(xid_age),
+                    detail=detail,
+                )
+            )
+        return report
+
+    def _decisions(
+        self, lconn: psycopg.Connection[Any] | None, report: StatusReport, gids: list[str]
+    ) -> tuple[dict[int, decision_log.XactStatus], set[str]]:
+        """(xact status by lxid, committed txids) of this log's gids; empty without a log."""
+        if lconn is None or report.logid is None:
+            return {}, set()
+        ours = [g for g in map(Gid.parse, gids) if g is not None and g.logid == report.logid]
+        try:
+            statuses = decision_log.xact_status(lconn, [g.lxid for g in ours])
+            # A later statement than xact_status: rows of decisions seen finished.
+            over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
+            return statuses, decision_log.committed_txids(lconn, over)
+        except psycopg.Error as e:
+            self._drop("\0log")
+            report.log_error = redact(str(e))
+            report.logid = None
+            return {}, set()

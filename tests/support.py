@@ -1,0 +1,101 @@
+"""Test support: a "bank" of participant databases on the harness's real servers.
+
+Every participant database holds ``accounts(id, balance)`` with ACCOUNTS rows of
+START each, so that atomicity is checked as "money is neither lost nor created".
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+import txmgr
+
+ACCOUNTS = 4
+START = 1000
+
+
+def query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+
+@dataclass
+class Bank:
+    dsns: dict[str, str]
+    log: str  # a DSN, or the name of the participant holding the log
+    managers: list[txmgr.TransactionManager] = field(default_factory=list)
+
+    @property
+    def log_dsn(self) -> str:
+        return self.dsns.get(self.log, self.log)
+
+    def config(self) -> txmgr.Config:
+        return txmgr.Config(participants=self.dsns, log=self.log)
+
+    def manager(self, **kwargs: Any) -> txmgr.TransactionManager:
+        tm = txmgr.TransactionManager(self.dsns, self.log, **kwargs)
+        self.managers.append(tm)
+        return tm
+
+    def balance(self, name: str, account: int = 1) -> int:
+        return int(query(self.dsns[name], "SELECT balance FROM accounts WHERE id = %s",
+                         (account,))[0][0])
+
+    def total(self) -> int:
+        return sum(int(query(d, "SELECT sum(balance) FROM accounts")[0][0])
+                   for d in self.dsns.values())
+
+    @property
+    def expected_total(self) -> int:
+        return len(self.dsns) * ACCOUNTS * START
+
+    def prepared(self, name: str | None = None) -> list[str]:
+        """txmgr gids prepared in the participant databases (all of them by default)."""
+        names = [name] if name else list(self.dsns)
+        return sorted(
+            r[0]
+            for n in names
+            for r in query(
+                self.dsns[n],
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() "
+                "AND gid LIKE 'txm1\\_%%'",
+            )
+        )
+
+    def decisions(self) -> list[str]:
+        return [r[0] for r in query(self.log_dsn, "SELECT txid FROM txmgr_decision")]
+
+    def kill_coordinator(self, kill_at: str, statements: dict[str, list[str]]) -> str:
+        """Run a coordinator subprocess that SIGKILLs itself at ``kill_at``; its txid."""
+        spec = {"participants": self.dsns, "log": self.log, "statements": statements,
+                "kill_at": kill_at}
+        proc = subprocess.run(
+            [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr)
+        line = proc.stdout.split()
+        assert line[0] == "TXID", proc.stdout
+        return line[1]
+
+    def close(self) -> None:
+        for tm in self.managers:
+            tm.close()
+
+
+def transfer(amount: int, src: str, dst: str, account: int = 1) -> dict[str, list[str]]:
+    return {
+        src: [f"UPDATE accounts SET balance = balance - {amount} WHERE id = {account}"],
+        dst: [f"UPDATE accounts SET balance = balance + {amount} WHERE id = {account}"],
+    }
+
+
+MakeBank = Callable[..., Bank]

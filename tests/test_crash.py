@@ -14,10 +14,9 @@ import psycopg
 import pytest
 
 import txmgr
+from support import START, Bank, MakeBank, query, transfer
 from txmgr.hooks import Hooks
 from txmgr.testing import PgServer
-
-from support import START, Bank, MakeBank, query, transfer
 
 pytestmark = pytest.mark.crash
 

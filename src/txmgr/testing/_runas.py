@@ -6,6 +6,7 @@ delegates to the ``postgres`` user (or a ``txmgr-pg`` system user it creates).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -76,6 +77,54 @@ def _create_user() -> RunAs:
 
 def _world_traversable(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
+
+
+def reachable_bin_dir(bin_dir: Path, user: RunAs | None) -> Path:
+    """``bin_dir``, or a world-readable copy of its installation when ``user`` cannot reach it.
+
+    The binaries bundled by the ``pgserver`` package live in site-packages,
+    which is often inside root's private home: running them as an unprivileged
+    user fails. The installation (bin/, lib/, share/ beside each other; the
+    binaries locate the rest relative to themselves) is copied once into the
+    temporary directory and reused.
+    """
+    if user is None or _world_traversable(bin_dir):
+        return bin_dir
+    root = bin_dir.resolve().parent
+    # Wheels keep shared libraries in "<package>.libs" beside the package and
+    # find them through an RPATH relative to bin/: copy both, same layout.
+    libs = root.parent.parent / f"{root.parent.name}.libs"
+    stamp = hashlib.sha256(f"{root}:{root.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    parent = Path(temp_parent(user) or tempfile.gettempdir())
+    target = parent / f"txmgr-pginstall-{stamp}"
+    new_bin = target / root.parent.name / root.name / "bin"
+    if not (new_bin / "initdb").exists():
+        staging = Path(tempfile.mkdtemp(prefix="txmgr-pginstall-", dir=parent))
+        copy = staging / "i"
+        shutil.copytree(root, copy / root.parent.name / root.name, symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        _open_to_all(staging)
+        try:
+            copy.rename(target)  # atomic: concurrent sessions agree on one copy
+        except OSError:
+            if not (new_bin / "initdb").exists():
+                raise
+        shutil.rmtree(staging, ignore_errors=True)
+    return new_bin
+
+
+def _open_to_all(top: Path) -> None:
+    top.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in (*dirnames, *filenames):
+            p = Path(dirpath, name)
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+            executable = p.is_dir() or mode & stat.S_IXUSR
+            p.chmod(mode | stat.S_IRGRP | stat.S_IROTH
+                    | (stat.S_IXGRP | stat.S_IXOTH if executable else 0))
 
 
 def temp_parent(user: RunAs | None) -> str | None:

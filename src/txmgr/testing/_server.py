@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ._admin import DatabaseAdmin, Server
 from ._binaries import find_pg_bin
 from ._pgctl import Cluster, PgServerError
-from ._runas import chown_tree, server_user, temp_parent
+from ._runas import chown_tree, reachable_bin_dir, server_user, temp_parent
 from ._watchdog import Watchdog
 
 __all__ = ["ExternalServer", "PgServer", "PgServerError", "Server"]
@@ -128,8 +128,8 @@ class PgServer(DatabaseAdmin):
         """Create a fresh cluster and start it; on failure everything is cleaned up."""
         if self._cluster is not None:
             raise PgServerError("already started; use restart() to start it again")
-        bin_dir = self._bin_dir or find_pg_bin()
         user = server_user()
+        bin_dir = reachable_bin_dir(self._bin_dir or find_pg_bin(), user)
         base = Path(tempfile.mkdtemp(prefix="txmgr-pg-", dir=temp_parent(user)))
         self._cluster = cluster = Cluster(bin_dir, base, user, self._timeout)
         with _live_lock:

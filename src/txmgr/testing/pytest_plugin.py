@@ -67,6 +67,16 @@ def pg_servers() -> Iterator[list[Server]]:
     if external is not None:
         yield external
         return
+    if os.environ.get("TXMGR_TEST_DOCKER", "").strip() in ("1", "true", "yes"):
+        from .containers import ContainerServer
+
+        containers = [ContainerServer().start() for _ in range(_SERVER_COUNT)]
+        try:
+            yield list(containers)
+        finally:
+            for container in containers:
+                container.destroy()
+        return
     started = _start_servers(_SERVER_COUNT)
     try:
         yield list(started)

@@ -228,3 +228,24 @@ def test_from_config_file(bank: Bank, tmp_path: object) -> None:
     finally:
         tm.close()
     assert (bank.balance("a"), bank.balance("b")) == (START - 9, START + 9)
+
+
+def test_log_loss_only_matters_with_two_writers(bank: Bank) -> None:
+    tm = bank.manager()
+    with tm.transaction() as tx:  # the manager has checked and used the log
+        move(tx, 1, "a", "b")
+    logdb = psycopg.conninfo.conninfo_to_dict(bank.log_dsn)["dbname"]
+    with psycopg.connect(bank.dsns["a"], autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+            psycopg.sql.Identifier(str(logdb))))
+    # One writer and one reader: one-phase commit, the log is not needed.
+    with tm.transaction() as tx:
+        tx.connection("a").execute("UPDATE accounts SET balance = balance - 5 WHERE id = 2")
+        tx.connection("b").execute("SELECT 1").fetchone()
+    assert bank.balance("a", 2) == START - 5
+    # Two writers need the decision: without the log nothing commits.
+    with pytest.raises(txmgr.TransactionAborted, match="could not open the decision"):
+        with tm.transaction() as tx:
+            move(tx, 7, "a", "b")
+    assert (bank.balance("a"), bank.balance("b")) == (START - 1, START + 1)
+    assert bank.prepared() == []

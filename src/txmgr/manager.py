@@ -12,7 +12,8 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -135,6 +136,8 @@ class TransactionManager:
         if self._closed:
             return
         self._closed = True
+        if self._executor is not None:  # first: workers may still return connections
+            self._executor.shutdown(wait=True)
         try:
             self._flush_forget()
         except Exception as e:  # closing must not fail; the daemon cleans up
@@ -143,8 +146,6 @@ class TransactionManager:
             p.close()
         if self._log_pool is not None:
             self._log_pool.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
 
     def __enter__(self) -> TransactionManager:
         return self
@@ -212,16 +213,22 @@ class TransactionManager:
         items = list(items)
         if len(items) <= 1:
             return [_call(fn, item) for item in items]
+        futures = [self.submit(partial(_call, fn, item)) for item in items[1:]]
+        first = _call(fn, items[0])  # the calling thread takes one share itself
+        return [first, *(f.result() for f in futures)]
+
+    def submit(self, fn: Callable[[], R]) -> Future[R]:
+        """Run ``fn`` on a worker thread."""
         if self._executor is None:
             with self._lock:
                 if self._executor is None:
+                    # Threads are created on demand; the cap only bounds bursts
+                    # of concurrently committing application threads.
                     self._executor = ThreadPoolExecutor(
-                        max_workers=max(4, 2 * len(self._participants)),
+                        max_workers=max(32, 4 * len(self._participants)),
                         thread_name_prefix="txmgr",
                     )
-        futures = [self._executor.submit(_call, fn, item) for item in items[1:]]
-        first = _call(fn, items[0])  # the calling thread takes one share itself
-        return [first, *(f.result() for f in futures)]
+        return self._executor.submit(fn)
 
     def take_forget(self) -> list[str]:
         """Finished txids to delete inside the next decision transaction."""

@@ -19,6 +19,8 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import psycopg
@@ -64,6 +66,7 @@ class _Coordinator(Protocol):
     def release_log_connection(self, conn: psycopg.Connection[Any]) -> None: ...
     def confirm_connection(self) -> psycopg.Connection[Any]: ...
     def parallel(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R | BaseException]: ...
+    def submit(self, fn: Callable[[], R]) -> Future[R]: ...
     def take_forget(self) -> list[str]: ...
     def forget(self, txids: Iterable[str]) -> None: ...
     def forget_later(self, txids: list[str]) -> None: ...
@@ -168,7 +171,8 @@ class Transaction:
         for attempt in (1, 2):
             conn = participant.checkout()
             try:
-                conn.execute("SELECT set_config('txmgr.txid', %s, true)", (self.txid,))
+                with conn.pipeline():  # BEGIN and the marker in one round trip
+                    conn.execute("SELECT set_config('txmgr.txid', %s, true)", (self.txid,))
             except psycopg.OperationalError as e:
                 participant.release(conn)
                 if attempt == 2:
@@ -182,34 +186,65 @@ class Transaction:
         raise AssertionError("unreachable")
 
     def _commit(self) -> None:
+        tm = self._tm
         branches = list(self._branches.values())
         for b in branches:
             b.conn._txmgr_branch = None  # txmgr drives the connections from now on
-        writers = self._vote(branches)
-        self._tm.hooks.after_vote(self.txid, [b.name for b in writers])
-        log_name = self._tm.log_participant
+        self._check_usable(branches)
+        log_name = tm.log_participant
+        # With a dedicated log and two or more branches, open the decision
+        # while the branches vote: it is on the critical path otherwise. If it
+        # turns out at most one branch wrote, it is rolled back unused.
+        decision = _Decision(tm, self.txid) if log_name is None and len(branches) > 1 else None
+        try:
+            self._vote_and_commit(branches, decision)
+        finally:
+            if decision is not None and not decision.deferred:
+                decision.release()
+
+    def _vote_and_commit(self, branches: list[_Branch], decision: _Decision | None) -> None:
+        tm = self._tm
+        log_name = tm.log_participant
+        opening = (
+            tm.submit(partial(decision.open, [b.name for b in branches]))
+            if decision is not None
+            else None
+        )
+        results = tm.parallel(self._vote_one, branches)
+        writers = [b for b, v in zip(branches, results, strict=True) if v is True]
+        failed = any(isinstance(v, BaseException) for v in results)
+        if opening is not None and (len(writers) <= 1 or failed):
+            # Not needed (or a vote failed): roll it back once it is open, without
+            # waiting for it; a slow or dead log must not delay a one-phase commit.
+            assert decision is not None
+            decision.discard_when_done(opening)
+        for b, v in zip(branches, results, strict=True):
+            if isinstance(v, BaseException):
+                self._abort(f"participant {b.name!r} failed before prepare: {v}", v)
+        self._rollback_branches([b for b in branches if b not in writers])
+        tm.hooks.after_vote(self.txid, [b.name for b in writers])
         if len(writers) <= 1:
             for b in writers:
                 self._commit_one_phase(b)
             self._state = TransactionState.COMMITTED
             return
-        if log_name is not None:
+        if decision is None:
+            assert log_name is not None
             log_branch = self._branches.get(log_name)
             if log_branch is None:  # the log participant did no work: open its branch now
-                p = self._tm.participant(log_name)
+                p = tm.participant(log_name)
                 log_branch = self._branches[log_name] = _Branch(p, self._open_branch(p))
                 log_branch.conn._txmgr_branch = None
             to_prepare = [b for b in writers if b is not log_branch]
-            self._two_phase(log_branch.conn, to_prepare, writers)
+            decision = _Decision(tm, self.txid, log_branch.conn)
+            decision.open([b.name for b in writers])
         else:
-            lconn = self._tm.log_connection()
-            try:
-                self._two_phase(lconn, writers, writers)
-            finally:
-                self._tm.release_log_connection(lconn)
+            assert opening is not None
+            opening.result()  # open() records its failure in decision.error
+            to_prepare = writers
+        self._two_phase(decision, to_prepare)
 
-    def _vote(self, branches: list[_Branch]) -> list[_Branch]:
-        """The branches that wrote; the others are ended. Any unusable branch aborts all."""
+    def _check_usable(self, branches: list[_Branch]) -> None:
         for b in branches:
             status = b.conn.info.transaction_status
             if b.conn.closed or status != TransactionStatus.INTRANS:
@@ -219,28 +254,20 @@ class Transaction:
                 }.get(status, "its connection is broken")
                 self._abort(f"participant {b.name!r} cannot commit: {why}", None)
 
-        def vote(b: _Branch) -> bool:
-            row = b.conn.execute(
-                "SELECT pg_current_xact_id_if_assigned() IS NOT NULL, "
-                "current_setting('txmgr.txid', true)"
-            ).fetchone()
-            assert row is not None
-            if row[1] != self.txid:
-                raise TransactionAborted(
-                    f"participant {b.name!r}: its transaction was ended by hand inside the "
-                    "branch (COMMIT/ROLLBACK must not be issued inside a txmgr transaction)",
-                    txid=self.txid,
-                )
-            return bool(row[0])
-
-        votes = self._tm.parallel(vote, branches)
-        for b, v in zip(branches, votes, strict=True):
-            if isinstance(v, BaseException):
-                self._abort(f"participant {b.name!r} failed before prepare: {v}", v)
-        writers = [b for b, v in zip(branches, votes, strict=True) if v is True]
-        readers = [b for b in branches if b not in writers]
-        self._rollback_branches(readers)
-        return writers
+    def _vote_one(self, b: _Branch) -> bool:
+        """True when the branch wrote (it has an xid); checks it is still our transaction."""
+        row = b.conn.execute(
+            "SELECT pg_current_xact_id_if_assigned() IS NOT NULL, "
+            "current_setting('txmgr.txid', true)"
+        ).fetchone()
+        assert row is not None
+        if row[1] != self.txid:
+            raise TransactionAborted(
+                f"participant {b.name!r}: its transaction was ended by hand inside the "
+                "branch (COMMIT/ROLLBACK must not be issued inside a txmgr transaction)",
+                txid=self.txid,
+            )
+        return bool(row[0])
 
     def _commit_one_phase(self, b: _Branch) -> None:
         try:
@@ -256,30 +283,20 @@ class Transaction:
         except psycopg.Error as e:  # e.g. a deferred constraint failing at COMMIT
             self._abort(f"participant {b.name!r} could not commit: {e}", e)
 
-    def _two_phase(
-        self, lconn: psycopg.Connection[Any], to_prepare: list[_Branch], writers: list[_Branch]
-    ) -> None:
+    def _two_phase(self, decision: _Decision, to_prepare: list[_Branch]) -> None:
         tm = self._tm
-        logid = tm.logid()
-        forget = tm.take_forget()
-        try:
-            lxid = decision_log.open_decision(
-                lconn,
-                self.txid,
-                [b.name for b in writers],
-                idle_timeout=tm.config.log_idle_timeout,
-                forget=forget,
-            )
-        except psycopg.Error as e:
-            tm.forget_later(forget)
-            _quiet_rollback(lconn)
+        if decision.error is not None:
+            decision.cancel()
+            e = decision.error
             if isinstance(e, psycopg.errors.UndefinedTable):
-                self._rollback_branches(to_prepare)
+                self._rollback_branches(self._branches.values())
                 self._state = TransactionState.ROLLED_BACK
                 raise LogSchemaError(
                     "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
                 ) from None
             self._abort(f"could not open the decision in the log: {e}", e)
+        lxid = decision.lxid
+        logid = tm.logid()
         for b in to_prepare:
             b.gid = str(Gid(logid, self.txid, lxid, b.name))
 
@@ -292,12 +309,11 @@ class Transaction:
         results = tm.parallel(prepare, to_prepare)
         failed = [(b, r) for b, r in zip(to_prepare, results, strict=True) if r is not None]
         if failed:
-            tm.forget_later(forget)
-            _quiet_rollback(lconn)
+            decision.cancel()
             b, err = failed[0]
             self._abort(f"participant {b.name!r} could not prepare (voted no): {err}", err)
         tm.hooks.before_decision(self.txid, lxid)
-        self._decide(lconn, lxid, forget, to_prepare)
+        self._decide(decision)
         tm.hooks.after_decision(self.txid, lxid)
 
         def commit_prepared(b: _Branch) -> None:
@@ -319,23 +335,23 @@ class Transaction:
             tm.forget([self.txid])
             self._state = TransactionState.COMMITTED
 
-    def _decide(
-        self, lconn: psycopg.Connection[Any], lxid: int, forget: list[str], prepared: list[_Branch]
-    ) -> None:
+    def _decide(self, decision: _Decision) -> None:
         """Commit the decision transaction; settle a lost reply by asking the log."""
+        assert decision.conn is not None
         try:
-            lconn.commit()
+            decision.conn.commit()
             return
         except psycopg.OperationalError as e:
             # The COMMIT may or may not have happened (connection lost, or the
             # server ended an idle session). The log knows.
             error: BaseException = e
-            outcome = self._confirm(lxid)
+            outcome = self._confirm(decision.lxid)
         except psycopg.Error as e:  # the COMMIT was refused: L rolled back
             error, outcome = e, "aborted"
         if outcome == "committed":
             return
-        self._tm.forget_later(forget)
+        self._tm.forget_later(decision.forget)
+        decision.forget = []
         if outcome == "aborted":
             self._abort(f"the decision transaction in the log did not commit: {error}", error)
         self._state = TransactionState.UNKNOWN
@@ -414,3 +430,61 @@ def _quiet_rollback(conn: psycopg.Connection[Any]) -> None:
             conn.rollback()
     except psycopg.Error:
         pass
+
+
+class _Decision:
+    """The decision transaction ``L``: on a dedicated log connection, or on the
+    log participant's own branch connection (``conn`` given)."""
+
+    __slots__ = ("_owned", "_tm", "_txid", "conn", "deferred", "error", "forget", "lxid")
+
+    def __init__(
+        self, tm: _Coordinator, txid: str, conn: psycopg.Connection[Any] | None = None
+    ) -> None:
+        self._tm = tm
+        self._txid = txid
+        self._owned = conn is None  # a dedicated log connection, ours to release
+        self.conn = conn
+        self.lxid = 0
+        self.forget: list[str] = []
+        self.error: BaseException | None = None
+        self.deferred = False  # discarded by a worker thread once open() is done
+
+    def open(self, participants: list[str]) -> None:
+        """Insert the decision row (and delete finished ones); sets ``lxid``."""
+        try:
+            if self.conn is None:
+                self.conn = self._tm.log_connection()
+            self.forget = self._tm.take_forget()
+            self.lxid = decision_log.open_decision(
+                self.conn,
+                self._txid,
+                participants,
+                idle_timeout=self._tm.config.log_idle_timeout,
+                forget=self.forget,
+            )
+        except BaseException as e:
+            # Recorded, not raised: with at most one writer the log is not needed.
+            self.error = e
+
+    def cancel(self) -> None:
+        """Roll ``L`` back (nothing is decided); finished rows wait for the next one."""
+        self._tm.forget_later(self.forget)
+        self.forget = []
+        if self.conn is not None:
+            _quiet_rollback(self.conn)
+
+    def discard_when_done(self, opening: Future[None]) -> None:
+        """Cancel and release once ``opening`` (the running open()) has finished."""
+        self.deferred = True
+
+        def discard(_: Future[None]) -> None:
+            self.cancel()
+            self.release()
+
+        opening.add_done_callback(discard)
+
+    def release(self) -> None:
+        if self._owned and self.conn is not None:
+            self._tm.release_log_connection(self.conn)
+            self.conn = None

@@ -2,11 +2,15 @@
 
 It is an ordinary ``psycopg.Connection`` except that, while it belongs to a
 global transaction, it refuses to end that transaction by itself: ``commit()``,
-``rollback()``, switching to autocommit, the ``tpc_*`` methods and SQL
+``rollback()``, setting ``autocommit``, the ``tpc_*`` methods and SQL
 ``COMMIT``/``ROLLBACK``/``END``/``ABORT``/``PREPARE TRANSACTION`` raise
 :class:`~txmgr.errors.ManualTransactionControl` *before* anything reaches the
 server, so a branch can never be half-committed by hand. Savepoints
 (``conn.transaction()``, ``SAVEPOINT``/``ROLLBACK TO``) keep working.
+
+Pooled connections are in psycopg's autocommit mode and txmgr opens the
+branch with an explicit ``BEGIN``: the server is inside a transaction block
+for the whole branch, psycopg never begins or ends one on its own.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ __all__ = ["transaction_control_statement"]
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
 _ENDING = {"COMMIT", "END", "ABORT", "ROLLBACK"}
+# Fast path: most statements contain none of these words anywhere.
+_CANDIDATE = re.compile(r"(?<![A-Za-z0-9_$])(?:commit|end|abort|rollback|prepare)(?![A-Za-z0-9_$])",
+                        re.IGNORECASE)
 
 
 def transaction_control_statement(query: str) -> str | None:
@@ -25,6 +28,8 @@ def transaction_control_statement(query: str) -> str | None:
     ``ROLLBACK TO [SAVEPOINT] x`` and ``PREPARE name AS …`` (a prepared
     statement) are allowed: they do not end the transaction.
     """
+    if _CANDIDATE.search(query) is None:
+        return None
     for words in _statement_heads(query):
         first = words[0].upper() if words else ""
         second = words[1].upper() if len(words) > 1 else ""

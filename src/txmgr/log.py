@@ -45,6 +45,7 @@ __all__ = [
     "DecisionRow",
     "XactStatus",
     "committed_txids",
+    "decision_query",
     "decision_rows",
     "delete_decisions",
     "open_decision",
@@ -101,32 +102,31 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     return str(logid)
 
 
-def open_decision(
-    conn: psycopg.Connection[Any],
+def decision_query(
     txid: str,
     participants: Sequence[str],
     *,
     idle_timeout: float,
     forget: Sequence[str] = (),
-) -> int:
-    """Insert the decision row, opening ``L`` on ``conn`` (or inside its open
-    transaction); return ``L``'s xid.
+    begin: bool,
+) -> sql.Composed:
+    """The one query that opens ``L`` (with ``begin``) and inserts the decision row.
 
-    Also deletes the rows of ``forget`` (finished earlier), so that cleanup
-    costs no round trip of its own. One round trip in all: one simple-protocol
-    query string, with every value quoted by psycopg (``sql.Literal``).
+    It also deletes the rows of ``forget`` (finished earlier), so that cleanup
+    costs no round trip of its own. Its last result is ``L``'s xid. It is sent
+    in the simple protocol, every value quoted by psycopg (``sql.Literal``).
     """
     timeout_ms = max(1, int(idle_timeout * 1000))
     parts: list[sql.Composable] = []
-    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+    if begin:
         parts.append(sql.SQL("BEGIN"))
     # The decision must survive a crash of the log server before anybody is
     # told it is committed, whatever the server default says.
     parts.append(sql.SQL("SET LOCAL synchronous_commit = on"))
     # A coordinator that hangs inside the protocol is aborted by the server
     # itself, so in-doubt branches never wait on a dead process forever.
-    # (Sent in the simple protocol on purpose: PostgreSQL 15 did not arm this
-    # timer when the SET came through a pipeline of the extended protocol.)
+    # (PostgreSQL 15 did not arm this timer when the SET came through a
+    # pipeline of the extended protocol; the simple protocol works.)
     parts.append(
         sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
             sql.Literal(timeout_ms)
@@ -144,8 +144,25 @@ def open_decision(
             "VALUES ({}, pg_current_xact_id(), {}::text[]) RETURNING lxid::text"
         ).format(sql.Literal(txid), sql.Literal(list(participants)))
     )
+    return sql.SQL("; ").join(parts)
+
+
+def open_decision(
+    conn: psycopg.Connection[Any],
+    txid: str,
+    participants: Sequence[str],
+    *,
+    idle_timeout: float,
+    forget: Sequence[str] = (),
+) -> int:
+    """Insert the decision row, opening ``L`` on ``conn`` (or inside its open
+    transaction); return ``L``'s xid. One round trip."""
+    begin = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    query = decision_query(
+        txid, participants, idle_timeout=idle_timeout, forget=forget, begin=begin
+    )
     cur = psycopg.ClientCursor(conn)
-    cur.execute(sql.SQL("; ").join(parts))
+    cur.execute(query)
     while cur.nextset():  # the INSERT's RETURNING is the last result
         pass
     row = cur.fetchone()

@@ -168,8 +168,12 @@ class TransactionManager:
     def log_participant(self) -> str | None:
         return self.config.log_participant
 
-    def log_connection(self) -> psycopg.Connection[Any]:
-        """A connection to the dedicated log database (for the decision transaction)."""
+    def log_connection(self, *, wait: bool = True) -> psycopg.Connection[Any]:
+        """A connection to the dedicated log database (for the decision transaction).
+
+        With ``wait=False`` only an idle pooled connection will do (else
+        ParticipantUnavailable at once): the decision is then opened later.
+        """
         pool = self._log_pool
         if pool is None:
             with self._lock:
@@ -189,7 +193,7 @@ class TransactionManager:
                     )
                 pool = self._log_pool
         try:
-            return pool.getconn(timeout=self.config.connect_timeout)
+            return pool.getconn(timeout=self.config.connect_timeout if wait else 0.001)
         except psycopg_pool.PoolTimeout as e:
             raise ParticipantUnavailable(
                 f"no connection to the decision log at {mask(self.config.log_dsn)} within "

@@ -164,14 +164,21 @@ class Participant:
                     connection_class=BranchConnection,
                     min_size=self._min_size,
                     max_size=self._max_size,
-                    kwargs={"connect_timeout": max(1, round(self._connect_timeout))},
+                    # autocommit: txmgr sends BEGIN itself, together with the
+                    # branch marker in one round trip, and COMMIT PREPARED needs
+                    # no mode switch. Inside the branch the server is in a
+                    # transaction block all the same.
+                    kwargs={
+                        "connect_timeout": max(1, round(self._connect_timeout)),
+                        "autocommit": True,
+                    },
                     name=f"txmgr-{self.name}",
                     open=True,
                 )
             return self._pool
 
     def checkout(self) -> BranchConnection:
-        """A connection from the pool (not in a transaction, not autocommit)."""
+        """A connection from the pool (autocommit, not in a transaction)."""
         pool = self.pool()
         try:
             return pool.getconn(timeout=self._connect_timeout)

@@ -18,8 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +29,7 @@ from psycopg.pq import TransactionStatus
 from txmgr import log as decision_log
 from txmgr._branch import BranchConnection
 from txmgr._gid import Gid, new_txid
+from txmgr._multiplex import Job, run_all
 from txmgr.config import Config
 from txmgr.errors import (
     LogSchemaError,
@@ -39,7 +39,7 @@ from txmgr.errors import (
     TransactionStateError,
 )
 from txmgr.hooks import Hooks
-from txmgr.participant import Participant, finish_prepared
+from txmgr.participant import Participant
 
 __all__ = ["Transaction", "TransactionState"]
 
@@ -62,11 +62,9 @@ class _Coordinator(Protocol):
     def participant(self, name: str) -> Participant: ...
     @property
     def log_participant(self) -> str | None: ...
-    def log_connection(self) -> psycopg.Connection[Any]: ...
+    def log_connection(self, *, wait: bool = True) -> psycopg.Connection[Any]: ...
     def release_log_connection(self, conn: psycopg.Connection[Any]) -> None: ...
     def confirm_connection(self) -> psycopg.Connection[Any]: ...
-    def parallel(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R | BaseException]: ...
-    def submit(self, fn: Callable[[], R]) -> Future[R]: ...
     def take_forget(self) -> list[str]: ...
     def forget(self, txids: Iterable[str]) -> None: ...
     def forget_later(self, txids: list[str]) -> None: ...
@@ -171,8 +169,12 @@ class Transaction:
         for attempt in (1, 2):
             conn = participant.checkout()
             try:
-                with conn.pipeline():  # BEGIN and the marker in one round trip
-                    conn.execute("SELECT set_config('txmgr.txid', %s, true)", (self.txid,))
+                # BEGIN and the marker in one round trip (simple protocol).
+                psycopg.ClientCursor(conn).execute(
+                    sql.SQL("BEGIN; SELECT set_config('txmgr.txid', {}, true)").format(
+                        sql.Literal(self.txid)
+                    )
+                )
             except psycopg.OperationalError as e:
                 participant.release(conn)
                 if attempt == 2:
@@ -191,44 +193,41 @@ class Transaction:
         for b in branches:
             b.conn._txmgr_branch = None  # txmgr drives the connections from now on
         self._check_usable(branches)
-        log_name = tm.log_participant
-        # With a dedicated log and two or more branches, open the decision
-        # while the branches vote: it is on the critical path otherwise. If it
-        # turns out at most one branch wrote, it is rolled back unused.
-        decision = _Decision(tm, self.txid) if log_name is None and len(branches) > 1 else None
+        # With a dedicated log and two or more branches, open the decision in
+        # the same round trip as the votes: it is on the critical path otherwise.
+        # If at most one branch wrote, it is rolled back unused.
+        decision = (
+            _Decision(tm, self.txid) if tm.log_participant is None and len(branches) > 1 else None
+        )
         try:
             self._vote_and_commit(branches, decision)
         finally:
-            if decision is not None and not decision.deferred:
+            if decision is not None:
                 decision.release()
 
     def _vote_and_commit(self, branches: list[_Branch], decision: _Decision | None) -> None:
         tm = self._tm
-        log_name = tm.log_participant
-        opening = (
-            tm.submit(partial(decision.open, [b.name for b in branches]))
-            if decision is not None
-            else None
-        )
-        results = tm.parallel(self._vote_one, branches)
-        writers = [b for b, v in zip(branches, results, strict=True) if v is True]
-        failed = any(isinstance(v, BaseException) for v in results)
-        if opening is not None and (len(writers) <= 1 or failed):
-            # Not needed (or a vote failed): roll it back once it is open, without
-            # waiting for it; a slow or dead log must not delay a one-phase commit.
-            assert decision is not None
-            decision.discard_when_done(opening)
-        for b, v in zip(branches, results, strict=True):
-            if isinstance(v, BaseException):
-                self._abort(f"participant {b.name!r} failed before prepare: {v}", v)
-        self._rollback_branches([b for b in branches if b not in writers])
+        jobs = [Job(b.conn, _VOTE_QUERY) for b in branches]
+        log_job = decision.job([b.name for b in branches]) if decision is not None else None
+        run_all([*jobs, log_job] if log_job is not None else jobs)
+        if decision is not None and log_job is not None:
+            decision.opened(log_job)
+        votes = [self._vote(b, job) for b, job in zip(branches, jobs, strict=True)]
+        failed = [(b, v) for b, v in zip(branches, votes, strict=True) if isinstance(v, Exception)]
+        if failed:
+            if decision is not None:
+                decision.cancel()
+            b, err = failed[0]
+            self._abort(f"participant {b.name!r} failed before prepare: {err}", err)
+        writers = [b for b, v in zip(branches, votes, strict=True) if v is True]
+        readers = [b for b in branches if b not in writers]
         tm.hooks.after_vote(self.txid, [b.name for b in writers])
         if len(writers) <= 1:
-            for b in writers:
-                self._commit_one_phase(b)
-            self._state = TransactionState.COMMITTED
+            self._commit_one_phase(writers[0] if writers else None, readers, decision)
             return
+        self._rollback_branches(readers)
         if decision is None:
+            log_name = tm.log_participant
             assert log_name is not None
             log_branch = self._branches.get(log_name)
             if log_branch is None:  # the log participant did no work: open its branch now
@@ -239,8 +238,7 @@ class Transaction:
             decision = _Decision(tm, self.txid, log_branch.conn)
             decision.open([b.name for b in writers])
         else:
-            assert opening is not None
-            opening.result()  # open() records its failure in decision.error
+            decision.open([b.name for b in branches])  # unless it already is
             to_prepare = writers
         self._two_phase(decision, to_prepare)
 
@@ -254,34 +252,45 @@ class Transaction:
                 }.get(status, "its connection is broken")
                 self._abort(f"participant {b.name!r} cannot commit: {why}", None)
 
-    def _vote_one(self, b: _Branch) -> bool:
+    def _vote(self, b: _Branch, job: Job) -> bool | Exception:
         """True when the branch wrote (it has an xid); checks it is still our transaction."""
-        row = b.conn.execute(
-            "SELECT pg_current_xact_id_if_assigned() IS NOT NULL, "
-            "current_setting('txmgr.txid', true)"
-        ).fetchone()
-        assert row is not None
-        if row[1] != self.txid:
-            raise TransactionAborted(
+        if job.error is not None:
+            return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
+        assert job.rows is not None
+        wrote, marker = job.rows[0]
+        if marker != self.txid:
+            return TransactionAborted(
                 f"participant {b.name!r}: its transaction was ended by hand inside the "
                 "branch (COMMIT/ROLLBACK must not be issued inside a txmgr transaction)",
                 txid=self.txid,
             )
-        return bool(row[0])
+        return wrote == "t"
 
-    def _commit_one_phase(self, b: _Branch) -> None:
-        try:
-            b.conn.commit()
-        except psycopg.OperationalError as e:
+    def _commit_one_phase(
+        self, writer: _Branch | None, readers: list[_Branch], decision: _Decision | None
+    ) -> None:
+        """Commit the only writer; end the readers and an unneeded decision alongside."""
+        jobs = [Job(b.conn, b"ROLLBACK") for b in readers]
+        if decision is not None and decision.conn is not None:
+            jobs.append(Job(decision.conn, b"ROLLBACK"))
+            decision.forget_later()
+        commit = Job(writer.conn, b"COMMIT") if writer is not None else None
+        run_all([*jobs, commit] if commit is not None else jobs)
+        self._state = TransactionState.COMMITTED
+        if commit is None or commit.error is None:
+            return
+        assert writer is not None
+        e = commit.error
+        if isinstance(e, psycopg.OperationalError):
             self._state = TransactionState.UNKNOWN
             raise OutcomeUnknown(
-                f"lost the connection to {b.name!r} while it committed (one-phase commit, "
-                f"the only participant that wrote): the commit may or may not have happened; "
-                f"check the data in {b.name!r}",
+                f"lost the connection to {writer.name!r} while it committed (one-phase "
+                f"commit, the only participant that wrote): the commit may or may not have "
+                f"happened; check the data in {writer.name!r}",
                 txid=self.txid,
             ) from e
-        except psycopg.Error as e:  # e.g. a deferred constraint failing at COMMIT
-            self._abort(f"participant {b.name!r} could not commit: {e}", e)
+        # e.g. a deferred constraint failing at COMMIT: the server rolled it back
+        self._abort(f"participant {writer.name!r} could not commit: {e}", e)
 
     def _two_phase(self, decision: _Decision, to_prepare: list[_Branch]) -> None:
         tm = self._tm
@@ -299,15 +308,20 @@ class Transaction:
         logid = tm.logid()
         for b in to_prepare:
             b.gid = str(Gid(logid, self.txid, lxid, b.name))
-
-        def prepare(b: _Branch) -> None:
-            assert b.gid is not None
-            b.conn.execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(b.gid)))
-            b.prepared = True
-            tm.hooks.after_prepare(self.txid, b.name, b.gid)
-
-        results = tm.parallel(prepare, to_prepare)
-        failed = [(b, r) for b, r in zip(to_prepare, results, strict=True) if r is not None]
+        jobs = [Job(b.conn, _command("PREPARE TRANSACTION {}", b)) for b in to_prepare]
+        run_all(jobs)
+        for b, job in zip(to_prepare, jobs, strict=True):
+            # A lost connection may have prepared the branch or not: if it did,
+            # the decision (aborted below) makes recovery roll it back.
+            b.prepared = job.error is None
+        failed = [(b, j.error) for b, j in zip(to_prepare, jobs, strict=True) if j.error]
+        if not failed:
+            for b in to_prepare:
+                assert b.gid is not None
+                try:
+                    tm.hooks.after_prepare(self.txid, b.name, b.gid)
+                except Exception as e:
+                    failed.append((b, e))
         if failed:
             decision.cancel()
             b, err = failed[0]
@@ -316,19 +330,27 @@ class Transaction:
         self._decide(decision)
         tm.hooks.after_decision(self.txid, lxid)
 
-        def commit_prepared(b: _Branch) -> None:
+        def before(b: _Branch) -> None:
             assert b.gid is not None
             tm.hooks.before_commit_prepared(self.txid, b.name, b.gid)
-            _finish(b, commit=True)
-            tm.hooks.after_commit_prepared(self.txid, b.name, b.gid)
 
-        results = tm.parallel(commit_prepared, to_prepare)
-        pending = [(b, r) for b, r in zip(to_prepare, results, strict=True) if r is not None]
-        for b, err in pending:
-            logger.warning(
-                "txid=%s gid=%s participant=%s: COMMIT PREPARED failed, recovery will "
-                "finish it: %s", self.txid, b.gid, b.name, err,
-            )
+        jobs = [
+            Job(b.conn, _command("COMMIT PREPARED {}", b), before=partial(before, b))
+            for b in to_prepare
+        ]
+        run_all(jobs)
+        pending = []
+        for b, job in zip(to_prepare, jobs, strict=True):
+            assert b.gid is not None
+            if job.error is None or _finished_elsewhere(job.error):
+                b.prepared = False
+                tm.hooks.after_commit_prepared(self.txid, b.name, b.gid)
+            else:
+                pending.append(b)
+                logger.warning(
+                    "txid=%s gid=%s participant=%s: COMMIT PREPARED failed, recovery will "
+                    "finish it: %s", self.txid, b.gid, b.name, job.error,
+                )
         if pending:
             self._state = TransactionState.COMMITTED_PENDING
         else:
@@ -391,37 +413,44 @@ class Transaction:
         ) from cause
 
     def _rollback_branches(self, branches: Iterable[_Branch]) -> None:
+        """Roll back (or ROLLBACK PREPARED) every branch in one round trip."""
+        jobs = []
         for b in branches:
             b.conn._txmgr_branch = None
-            try:
-                if b.prepared:
-                    _finish(b, commit=False)
-                elif not b.conn.closed:
-                    b.conn.rollback()
-            except Exception as e:  # the server rolls back on its own, recovery the rest
-                logger.warning("txid=%s participant=%s: rollback failed: %s", self.txid, b.name, e)
+            if b.prepared:
+                jobs.append(Job(b.conn, _command("ROLLBACK PREPARED {}", b)))
+            elif not b.conn.closed and b.conn.info.transaction_status != TransactionStatus.IDLE:
+                jobs.append(Job(b.conn, b"ROLLBACK"))
+        run_all(jobs)
+        for b in branches:
+            b.prepared = False
+        for job in jobs:
+            if job.error is not None and not _finished_elsewhere(job.error):
+                # The server rolls back a lost session on its own, recovery the rest.
+                logger.warning("txid=%s: rollback failed: %s", self.txid, job.error)
 
     def _release_all(self) -> None:
         for b in self._branches.values():
-            try:
-                if not b.conn.closed and b.conn.autocommit:
-                    b.conn.autocommit = False
-            except psycopg.Error:
-                pass
             b.participant.release(b.conn)
         self._branches.clear()
 
 
-def _finish(b: _Branch, *, commit: bool) -> None:
-    """COMMIT or ROLLBACK PREPARED ``b``'s gid on its own (now idle) connection."""
+_VOTE_QUERY = (
+    b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL, current_setting('txmgr.txid', true)"
+)
+
+
+def _command(template: str, b: _Branch) -> bytes:
+    """``template`` with the branch's gid as a quoted literal."""
     assert b.gid is not None
-    conn = b.conn
-    if not conn.autocommit:
-        conn.autocommit = True  # *PREPARED cannot run inside a transaction block
-    result = finish_prepared(conn, b.gid, commit=commit)
-    if result == "busy":  # recovery is finishing it right now; it follows the same log
-        logger.info("gid=%s is being finished by another session", b.gid)
-    b.prepared = False
+    return sql.SQL(template).format(sql.Literal(b.gid)).as_bytes(b.conn)
+
+
+def _finished_elsewhere(error: BaseException) -> bool:
+    """*PREPARED failed because somebody else (recovery) finished or is finishing it."""
+    return isinstance(
+        error, psycopg.errors.UndefinedObject | psycopg.errors.ObjectNotInPrerequisiteState
+    )
 
 
 def _quiet_rollback(conn: psycopg.Connection[Any]) -> None:
@@ -436,7 +465,7 @@ class _Decision:
     """The decision transaction ``L``: on a dedicated log connection, or on the
     log participant's own branch connection (``conn`` given)."""
 
-    __slots__ = ("_owned", "_tm", "_txid", "conn", "deferred", "error", "forget", "lxid")
+    __slots__ = ("_owned", "_tm", "_txid", "conn", "error", "forget", "lxid")
 
     def __init__(
         self, tm: _Coordinator, txid: str, conn: psycopg.Connection[Any] | None = None
@@ -445,13 +474,35 @@ class _Decision:
         self._txid = txid
         self._owned = conn is None  # a dedicated log connection, ours to release
         self.conn = conn
-        self.lxid = 0
+        self.lxid = 0  # set once L is open
         self.forget: list[str] = []
         self.error: BaseException | None = None
-        self.deferred = False  # discarded by a worker thread once open() is done
+
+    def job(self, participants: list[str]) -> Job | None:
+        """The query opening ``L``, to send along with the votes; None when no log
+        connection is free right now (then :meth:`open` runs after the votes)."""
+        try:
+            self.conn = self._tm.log_connection(wait=False)
+        except ParticipantUnavailable:
+            return None
+        self.forget = self._tm.take_forget()
+        query = decision_log.decision_query(
+            self._txid, participants, idle_timeout=self._tm.config.log_idle_timeout,
+            forget=self.forget, begin=True,
+        )
+        return Job(self.conn, query.as_bytes(self.conn))
+
+    def opened(self, job: Job) -> None:
+        if job.error is not None:
+            self.error = job.error
+        else:
+            assert job.rows is not None
+            self.lxid = int(str(job.rows[-1][0]))
 
     def open(self, participants: list[str]) -> None:
-        """Insert the decision row (and delete finished ones); sets ``lxid``."""
+        """Open ``L`` now, unless it already is; a failure is kept in ``error``."""
+        if self.lxid or self.error is not None:
+            return
         try:
             if self.conn is None:
                 self.conn = self._tm.log_connection()
@@ -463,26 +514,19 @@ class _Decision:
                 idle_timeout=self._tm.config.log_idle_timeout,
                 forget=self.forget,
             )
-        except BaseException as e:
-            # Recorded, not raised: with at most one writer the log is not needed.
+        except Exception as e:
             self.error = e
 
-    def cancel(self) -> None:
-        """Roll ``L`` back (nothing is decided); finished rows wait for the next one."""
+    def forget_later(self) -> None:
+        """``L`` will not commit: its cleanup of finished rows waits for the next one."""
         self._tm.forget_later(self.forget)
         self.forget = []
+
+    def cancel(self) -> None:
+        """Roll ``L`` back: nothing is decided."""
+        self.forget_later()
         if self.conn is not None:
             _quiet_rollback(self.conn)
-
-    def discard_when_done(self, opening: Future[None]) -> None:
-        """Cancel and release once ``opening`` (the running open()) has finished."""
-        self.deferred = True
-
-        def discard(_: Future[None]) -> None:
-            self.cancel()
-            self.release()
-
-        opening.add_done_callback(discard)
 
     def release(self) -> None:
         if self._owned and self.conn is not None:

@@ -14,8 +14,8 @@ participant's branch) and ``kill_at``, one of:
   or may not be);
 - ``before_decision``: every branch prepared, decision not committed;
 - ``after_decision``: decision committed, no branch committed;
-- ``after_commit_prepared``: after exactly one branch is committed (the
-  others are held back so that the kill falls between COMMIT PREPAREDs).
+- ``after_commit_prepared``: after exactly one branch is committed (the kill
+  falls between COMMIT PREPAREDs).
 
 It prints ``TXID <txid>`` before committing, so the caller knows which
 transaction to look for. If it survives (bad ``kill_at``), it exits 3.
@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 from txmgr.hooks import Hooks
@@ -50,13 +49,20 @@ def _die() -> None:
 
 
 class KillingHooks(Hooks):
-    """Hooks that SIGKILL the process at ``point``."""
+    """Hooks that SIGKILL the process at ``point``.
 
-    def __init__(self, point: str) -> None:
+    ``participants`` (name -> DSN) lets ``after_commit_prepared`` land exactly
+    between two COMMIT PREPAREDs: the coordinator sends them all at once, so
+    the hook lets the first one go, then, before the second is sent, waits
+    until the first branch is committed on its server and dies.
+    """
+
+    def __init__(self, point: str, participants: dict[str, str] | None = None) -> None:
         if point not in KILL_POINTS:
             raise ValueError(f"kill_at must be one of {KILL_POINTS}, not {point!r}")
         self.point = point
-        self._first = threading.Lock()
+        self.participants = participants or {}
+        self._first: tuple[str, str] | None = None  # (participant, gid) let through
 
     def after_vote(self, txid: str, writers: list[str]) -> None:
         if self.point == "after_vote":
@@ -75,20 +81,41 @@ class KillingHooks(Hooks):
             _die()
 
     def before_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
-        # COMMIT PREPAREDs run in parallel: let one through, hold the others
-        # forever, so that exactly one branch is committed when we die.
-        if self.point == "after_commit_prepared" and not self._first.acquire(blocking=False):
-            threading.Event().wait()
+        if self.point != "after_commit_prepared":
+            return
+        if self._first is None:
+            self._first = (participant, gid)
+            return
+        name, first_gid = self._first
+        _wait_until_gone(self.participants[name], first_gid)
+        _die()
 
     def after_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
         if self.point == "after_commit_prepared":
             _die()
 
 
+def _wait_until_gone(dsn: str, gid: str, timeout: float = 30.0) -> None:
+    """Wait for a condition (the gid committed), not for a fixed time."""
+    import time
+
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_prepared_xacts WHERE gid = %s", (gid,)
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                return
+            time.sleep(0.01)
+    raise RuntimeError(f"{gid} was never committed")
+
+
 def run(spec: dict[str, Any]) -> None:
-    tm = TransactionManager(
-        spec["participants"], spec["log"], pool_min_size=0, hooks=KillingHooks(spec["kill_at"])
-    )
+    hooks = KillingHooks(spec["kill_at"], spec["participants"])
+    tm = TransactionManager(spec["participants"], spec["log"], pool_min_size=0, hooks=hooks)
     with tm.transaction() as tx:
         print(f"TXID {tx.txid}", flush=True)
         for name, statements in spec["statements"].items():

@@ -1,4 +1,4 @@
-"""The coordinator: ``TransactionManager`` owns pools, the log and the worker threads.
+"""The coordinator: ``TransactionManager`` owns the pools and the decision log.
 
 One manager is shared by every thread of an application; each
 :meth:`TransactionManager.transaction` is independent. Nothing connects
@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -30,8 +28,6 @@ from txmgr.transaction import Transaction
 __all__ = ["TransactionManager"]
 
 logger = logging.getLogger("txmgr")
-T = TypeVar("T")
-R = TypeVar("R")
 
 #: Finished decision rows are deleted by the next decision transaction; past
 #: this many waiting, they are deleted at once so the list stays bounded.
@@ -95,7 +91,6 @@ class TransactionManager:
         self._lock = threading.Lock()
         self._log_pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
         self._logid: str | None = None  # read (and schema checked) on first transaction()
-        self._executor: ThreadPoolExecutor | None = None
         self._forget: list[str] = []  # txids whose branches are all committed
         self._forget_lock = threading.Lock()
         self._closed = False
@@ -132,12 +127,10 @@ class TransactionManager:
             p.pool()
 
     def close(self) -> None:
-        """Delete finished decision rows, close every pool and stop worker threads."""
+        """Delete finished decision rows and close every pool."""
         if self._closed:
             return
         self._closed = True
-        if self._executor is not None:  # first: workers may still return connections
-            self._executor.shutdown(wait=True)
         try:
             self._flush_forget()
         except Exception as e:  # closing must not fail; the daemon cleans up
@@ -212,28 +205,6 @@ class TransactionManager:
             autocommit=True,
         )
 
-    def parallel(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R | BaseException]:
-        """``fn`` over ``items`` on worker threads; results or raised exceptions, in order."""
-        items = list(items)
-        if len(items) <= 1:
-            return [_call(fn, item) for item in items]
-        futures = [self.submit(partial(_call, fn, item)) for item in items[1:]]
-        first = _call(fn, items[0])  # the calling thread takes one share itself
-        return [first, *(f.result() for f in futures)]
-
-    def submit(self, fn: Callable[[], R]) -> Future[R]:
-        """Run ``fn`` on a worker thread."""
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    # Threads are created on demand; the cap only bounds bursts
-                    # of concurrently committing application threads.
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=max(32, 4 * len(self._participants)),
-                        thread_name_prefix="txmgr",
-                    )
-        return self._executor.submit(fn)
-
     def take_forget(self) -> list[str]:
         """Finished txids to delete inside the next decision transaction."""
         with self._forget_lock:
@@ -285,9 +256,3 @@ class TransactionManager:
             check_server(conn, name, needs_prepare=False)
             return decision_log.read_logid(conn, self.config.log_dsn)
 
-
-def _call(fn: Callable[[T], R], item: T) -> R | BaseException:
-    try:
-        return fn(item)
-    except BaseException as e:  # the caller decides what each failure means
-        return e

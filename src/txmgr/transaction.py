@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterable
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -44,8 +44,6 @@ from txmgr.participant import Participant
 __all__ = ["Transaction", "TransactionState"]
 
 logger = logging.getLogger("txmgr")
-T = TypeVar("T")
-R = TypeVar("R")
 
 # Seconds to keep asking the log about a decision whose COMMIT reply was lost
 # while its server-side session is still winding down ("in progress").

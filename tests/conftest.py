@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 import txmgr
+from ops_fixtures import cluster, daemons  # noqa: F401  (fixtures of the operations tests)
 from support import ACCOUNTS, START, Bank, MakeBank, query
 from txmgr.testing import Server
 from txmgr.testing.pytest_plugin import MakeDatabase

@@ -1,5 +1,4 @@
-"""Fixtures of the operations tests; a test module loads them with
-``pytest_plugins = ["tests.ops_fixtures"]``.
+"""Fixtures of the operations tests (re-exported by ``conftest.py``).
 
 ``cluster``: two participants on two servers (``orders`` on the first,
 ``billing`` on the second), a dedicated, migrated decision log on the first,
@@ -15,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.ops_support import KV_TABLE, Cluster, DaemonProcess, query, write_config
 
+from ops_support import KV_TABLE, Cluster, DaemonProcess, query, write_config
 from txmgr._migrate import migrate
 from txmgr.testing import Server
 from txmgr.testing.pytest_plugin import MakeDatabase

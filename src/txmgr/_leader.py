@@ -61,6 +61,9 @@ class LeaderLock:
         self._held = False
         self.logid: str | None = None
         self.last_error: str | None = None
+        #: How many times the lock was taken; a change means "newly active",
+        #: even when it was lost and taken back within one call of ensure().
+        self.acquisitions = 0
 
     @property
     def held(self) -> bool:
@@ -80,6 +83,7 @@ class LeaderLock:
                     logger.warning(
                         "lost the connection holding the recovery lock (%s): no longer active",
                         redact(str(e)).strip(),
+                        extra={"event": "lost_leadership"},
                     )
                 self._close()
         try:
@@ -94,6 +98,8 @@ class LeaderLock:
             return "unreachable"
         self.last_error = None
         self._held = bool(row and row[0])
+        if self._held:
+            self.acquisitions += 1
         return "active" if self._held else "standby"
 
     def release(self) -> None:

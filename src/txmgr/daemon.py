@@ -58,6 +58,7 @@ class _Recoverer(Protocol):
 class _Leader(Protocol):
     logid: str | None
     last_error: str | None
+    acquisitions: int  # times the lock was taken
 
     def ensure(self) -> LeaderState: ...
     def release(self) -> None: ...
@@ -117,6 +118,7 @@ class Daemon:
         self._inspector = inspector
         self._server: MetricsServer | None = None
         self._state: LeaderState | None = None  # of the previous step
+        self._acquisitions = 0  # the leader's count when we last became active
         self._failures = 0  # consecutive steps that could not reach the log
         self._last_log_ok: float | None = None  # clock() of the last good log contact
         self._log_error: str | None = "no recovery pass has run yet"
@@ -147,7 +149,15 @@ class Daemon:
         try:
             while not self.stop.is_set():
                 started = self._clock()
-                self.step()
+                try:
+                    self.step()
+                except Exception:
+                    # A bug or an unforeseen error must not end recovery for
+                    # good: report it, back off, try again.
+                    self._failures += 1
+                    self.metrics.errors.labels("daemon").inc()
+                    logger.exception("unexpected error in a daemon step; retrying",
+                                     extra={"event": "error", "source": "daemon"})
                 if self.stop.is_set():
                     break
                 delay = max(0.0, started + self.next_delay() - self._clock())
@@ -211,21 +221,24 @@ class Daemon:
     def _transition(self, state: LeaderState) -> None:
         before, self._state = self._state, state
         self.metrics.active.set(1 if state == "active" else 0)
-        if state == before:
-            return
         logid = self._leader.logid
-        if state == "active":
+        retaken = state == "active" and self._leader.acquisitions != self._acquisitions
+        if before == "active" and (state != "active" or retaken):
+            # Our recovery connections may be as dead as the lock's: start afresh.
+            self._recoverer.close()
+            if state != "active":
+                logger.warning(
+                    "no longer active (lost the recovery lock of log %s)", logid,
+                    extra={"event": "lost_leadership", "logid": logid},
+                )  # fmt: skip
+        if retaken:
+            self._acquisitions = self._leader.acquisitions
             logger.info(
                 "active: this daemon holds the recovery lock of log %s", logid,
                 extra={"event": "active", "logid": logid},
             )  # fmt: skip
-        elif before == "active":
-            # Our recovery connections may be as dead as the lock's: start afresh.
-            self._recoverer.close()
-            logger.warning(
-                "no longer active (lost the recovery lock of log %s)", logid,
-                extra={"event": "lost_leadership", "logid": logid},
-            )  # fmt: skip
+        if state == before:
+            return
         if state == "standby":
             logger.info(
                 "standby: another daemon holds the recovery lock of log %s; trying again "

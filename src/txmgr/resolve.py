@@ -286,13 +286,19 @@ def _check_privilege(conn: psycopg.Connection[Any], gid: str, name: str, owner: 
 
 def _audit(conn: psycopg.Connection[Any], **values: Any) -> int:
     try:
+        # The id comes first, from the sequence: INSERT … RETURNING would need
+        # SELECT on the audit table, and the role only needs to append to it.
         row = conn.execute(
-            "INSERT INTO txmgr_resolution_audit (gid, participant, action, forced, "
-            "log_decision, requested_by, client_host, reason) VALUES (%(gid)s, "
-            "%(participant)s, %(action)s, %(forced)s, %(log_decision)s, %(requested_by)s, "
-            "%(client_host)s, %(reason)s) RETURNING id",
-            values,
+            "SELECT nextval(pg_get_serial_sequence('txmgr_resolution_audit', 'id'))"
         ).fetchone()
+        assert row is not None
+        conn.execute(
+            "INSERT INTO txmgr_resolution_audit (id, gid, participant, action, forced, "
+            "log_decision, requested_by, client_host, reason) VALUES (%(id)s, %(gid)s, "
+            "%(participant)s, %(action)s, %(forced)s, %(log_decision)s, %(requested_by)s, "
+            "%(client_host)s, %(reason)s)",
+            {"id": row[0], **values},
+        )
     except psycopg.errors.InsufficientPrivilege as e:
         raise ResolveRefused(
             f"cannot write the audit row, so nothing was done: {e}; grant INSERT on "
@@ -302,7 +308,6 @@ def _audit(conn: psycopg.Connection[Any], **values: Any) -> int:
         raise ResolveError(
             f"cannot write the audit row, so nothing was done: {redact(str(e))}"
         ) from None
-    assert row is not None
     return int(row[0])
 
 

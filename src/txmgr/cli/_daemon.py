@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -12,6 +13,7 @@ import click
 from txmgr._logging import LOG_FORMATS, configure_logging
 from txmgr.cli._common import config_option, load_config
 from txmgr.daemon import Daemon
+from txmgr.errors import ConfigError
 
 __all__ = ["daemon_cmd"]
 
@@ -59,14 +61,20 @@ def daemon_cmd(
 
     Several daemons may run against one decision log: one is active (it holds
     a lock in the log database), the others stand by and take over within one
-    interval. SIGTERM and SIGINT finish the current pass, then exit 0.
+    interval. SIGTERM and SIGINT finish the current pass, then exit 0; a
+    second signal ends the process at once.
     """
     config = load_config(config_path)
     configure_logging("json" if log_format == "json" else "text", log_level.upper())
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        # Only set the event here: the pass in progress finishes, then run() returns.
+        # Only set the event here: the pass in progress finishes, then run()
+        # returns. A second signal means "now": die by it (the server drops
+        # the lock with the session).
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -74,7 +82,14 @@ def daemon_cmd(
     daemon = Daemon(config, interval=interval, stop=stop)
     port = metrics_port if metrics_port is not None else config.metrics_port
     if port is not None:
-        server = daemon.serve_metrics(metrics_address, port)
+        try:
+            server = daemon.serve_metrics(metrics_address, port)
+        except OSError as e:
+            daemon.close()
+            raise ConfigError(
+                f"cannot serve metrics on {metrics_address}:{port}: {e.strerror or e}; choose "
+                "another --metrics-port / [metrics] port, or 0 for any free port"
+            ) from None
         logger.info(
             "serving metrics on http://%s:%d/metrics and /healthz", server.host, server.port,
             extra={"event": "metrics", "metrics_address": server.host,

@@ -99,7 +99,7 @@ def _print_table(report: StatusReport, older_than: float) -> None:
             for b in report.branches
         ]
         for line in _table(
-            ["PARTICIPANT", "GID", "AGE", "DECISION", "LOCKS", "BLOCKS PIDS", "OWNER"], rows
+            ["PARTICIPANT", "GID", "AGE", "DECISION", "LOCKS", "BLOCKING", "OWNER"], rows
         ):
             echo(line)
     else:
@@ -119,7 +119,23 @@ def _print_table(report: StatusReport, older_than: float) -> None:
         echo(f"decision log: UNREACHABLE: {report.log_error}", err=True)
     stuck = report.stuck(older_than)
     echo("")
-    echo(
-        f"{len(report.branches)} prepared, {len(stuck)} older than {format_age(older_than)}"
-        + ("" if report.healthy(older_than) else " — see `txmgr resolve --help`" if stuck else "")
-    )
+    echo(f"{len(report.branches)} prepared, {len(stuck)} older than {format_age(older_than)}")
+    for hint in _hints({b.decision for b in stuck}):
+        echo(f"  {hint}")
+
+
+_HINTS = {
+    "commit": "commit/abort: recovery finishes these on its next pass; is `txmgr daemon` "
+    "running? (or run `txmgr recover`)",
+    "in progress": "in progress: a coordinator is inside the commit protocol; the log server "
+    "aborts it after [log] idle_timeout if it hangs",
+    "not ours": "not ours: recovery will never touch these; finish them with "
+    "`txmgr resolve GID --commit|--rollback --force` once you know their outcome",
+    "unknown": "unknown: the decision log could not be read; fix that first",
+}
+
+
+def _hints(decisions: set[str]) -> list[str]:
+    if "abort" in decisions:
+        decisions = (decisions - {"abort"}) | {"commit"}
+    return [text for key, text in _HINTS.items() if key in decisions]

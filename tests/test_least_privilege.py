@@ -1,5 +1,5 @@
 """The daemon as a non-superuser: the role that prepared the branches, with the grants
-docs/operating.md lists; any other role is told which role it needs."""
+the README lists ("Roles and grants"); any other role is told which role it needs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ops_support import Cluster, DaemonProcess, query, run_cli, wait_for, write_
 from txmgr.config import Config
 from txmgr.recovery import recover
 
-# The grants of docs/operating.md, section "Roles and grants".
+# The grants of the README, section "Roles and grants".
 APP_LOG_GRANTS = [
     "GRANT SELECT ON txmgr_log_meta, txmgr_alembic_version TO {role}",
     "GRANT SELECT, INSERT, DELETE ON txmgr_decision TO {role}",
@@ -32,7 +32,7 @@ RECOVERY_LOG_GRANTS = [
 
 
 def test_the_documented_grants_are_the_tested_ones() -> None:
-    doc = (Path(__file__).parents[1] / "docs" / "operating.md").read_text()
+    doc = (Path(__file__).parents[1] / "README.md").read_text()
     for stmt in APP_LOG_GRANTS:
         assert stmt.format(role="app") + ";" in doc
     for stmt in RECOVERY_LOG_GRANTS:

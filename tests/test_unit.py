@@ -131,11 +131,13 @@ interval = 2.5
 
 [metrics]
 port = 9187
+address = "0.0.0.0"
 """)
     cfg = Config.from_file(path)
     assert cfg.log_participant == "orders" and cfg.log_dsn == "postgresql://app@db1/orders"
     assert cfg.log_idle_timeout == 30 and cfg.pool_max_size == 4
     assert cfg.recovery_interval == 2.5 and cfg.metrics_port == 9187
+    assert cfg.metrics_address == "0.0.0.0"
 
 
 @pytest.mark.parametrize(

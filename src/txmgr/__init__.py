@@ -18,6 +18,8 @@ a recovery that finishes whatever a crash leaves prepared::
 from txmgr._migrate import migrate
 from txmgr.config import Config
 from txmgr.errors import (
+    AmbiguousBranch,
+    BranchNotFound,
     ConfigError,
     InvalidParticipantName,
     LogSchemaError,
@@ -26,6 +28,8 @@ from txmgr.errors import (
     ParticipantError,
     ParticipantUnavailable,
     PreparedTransactionsDisabled,
+    ResolveError,
+    ResolveRefused,
     TransactionAborted,
     TransactionStateError,
     TxmgrError,
@@ -40,6 +44,8 @@ from txmgr.transaction import Transaction, TransactionState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmbiguousBranch",
+    "BranchNotFound",
     "Config",
     "ConfigError",
     "Hooks",
@@ -53,6 +59,8 @@ __all__ = [
     "Recoverer",
     "RecoveryReport",
     "Resolution",
+    "ResolveError",
+    "ResolveRefused",
     "Transaction",
     "TransactionAborted",
     "TransactionManager",

@@ -19,6 +19,7 @@ A file looks like::
 
     [metrics]
     port = 9187
+    address = "127.0.0.1"
 
 Unknown tables and keys are errors, so a typo never silently means "default".
 """
@@ -59,6 +60,7 @@ class Config:
     connect_timeout: float = 10.0
     recovery_interval: float = 10.0
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +138,7 @@ class Config:
         recovery = _table(data, "recovery", where, required=False)
         _only(recovery, {"interval"}, "[recovery]", where)
         metrics = _table(data, "metrics", where, required=False)
-        _only(metrics, {"port"}, "[metrics]", where)
+        _only(metrics, {"port", "address"}, "[metrics]", where)
         try:
             return cls(
                 participants=dict(participants),
@@ -147,6 +149,7 @@ class Config:
                 connect_timeout=float(pool.get("connect_timeout", 10.0)),
                 recovery_interval=float(recovery.get("interval", 10.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
+                metrics_address=str(metrics.get("address", "127.0.0.1")),
                 source=source,
             )
         except (TypeError, ValueError) as e:

@@ -17,12 +17,18 @@ The tree::
     ├── TransactionStateError        the API was used in the wrong order
     │   └── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
-    └── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
+    ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
+    └── ResolveError                 `txmgr resolve` did not finish a branch
+        ├── BranchNotFound           no participant has that gid prepared
+        ├── AmbiguousBranch          several participants have it: pass --participant
+        └── ResolveRefused           contradicts the log, coordinator busy, or needs --force
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousBranch",
+    "BranchNotFound",
     "ConfigError",
     "InvalidParticipantName",
     "LogSchemaError",
@@ -31,6 +37,8 @@ __all__ = [
     "ParticipantError",
     "ParticipantUnavailable",
     "PreparedTransactionsDisabled",
+    "ResolveError",
+    "ResolveRefused",
     "TransactionAborted",
     "TransactionStateError",
     "TxmgrError",
@@ -114,3 +122,19 @@ class OutcomeUnknown(TxmgrError):
     def __init__(self, message: str, *, txid: str | None = None) -> None:
         super().__init__(message)
         self.txid = txid
+
+
+class ResolveError(TxmgrError):
+    """``txmgr resolve`` did not finish the branch; the message says why and what to do."""
+
+
+class BranchNotFound(ResolveError):
+    """No configured participant has the gid prepared in its own database."""
+
+
+class AmbiguousBranch(ResolveError):
+    """Several participants (on different servers) have a branch with this gid."""
+
+
+class ResolveRefused(ResolveError):
+    """The request contradicts the decision log, or needs ``--force``."""

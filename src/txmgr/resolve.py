@@ -40,7 +40,14 @@ from txmgr import log as decision_log
 from txmgr._dsn import redact
 from txmgr._gid import Gid
 from txmgr.config import Config
-from txmgr.errors import TxmgrError, UnknownParticipant
+from txmgr.errors import (
+    AmbiguousBranch,
+    BranchNotFound,
+    ResolveError,
+    ResolveRefused,
+    TxmgrError,
+    UnknownParticipant,
+)
 from txmgr.participant import FinishResult, connect, finish_prepared
 from txmgr.status import Decision, classify
 
@@ -52,22 +59,6 @@ __all__ = [
     "ResolveResult",
     "resolve",
 ]
-
-
-class ResolveError(TxmgrError):
-    """``txmgr resolve`` did not finish the branch; the message says why and what to do."""
-
-
-class BranchNotFound(ResolveError):
-    """No configured participant has the gid prepared in its own database."""
-
-
-class AmbiguousBranch(ResolveError):
-    """Several participants (on different servers) have a branch with this gid."""
-
-
-class ResolveRefused(ResolveError):
-    """The request contradicts the decision log, or needs ``--force``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,9 +35,9 @@ logger = logging.getLogger("txmgr.daemon")
 )
 @click.option(
     "--metrics-address",
-    default="127.0.0.1",
-    show_default=True,
-    help="Address the metrics server binds to (0.0.0.0 for every interface).",
+    default=None,
+    help="Address the metrics server binds to (default: [metrics] address, else 127.0.0.1; "
+    "0.0.0.0 for every interface).",
 )
 @click.option(
     "--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
@@ -53,7 +53,7 @@ def daemon_cmd(
     config_path: str | None,
     interval: float | None,
     metrics_port: int | None,
-    metrics_address: str,
+    metrics_address: str | None,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -81,6 +81,7 @@ def daemon_cmd(
     signal.signal(signal.SIGINT, on_signal)
     daemon = Daemon(config, interval=interval, stop=stop)
     port = metrics_port if metrics_port is not None else config.metrics_port
+    metrics_address = metrics_address or config.metrics_address
     if port is not None:
         try:
             server = daemon.serve_metrics(metrics_address, port)

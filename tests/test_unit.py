@@ -190,3 +190,20 @@ def test_error_tree() -> None:
     for name in txmgr.errors.__all__:
         assert issubclass(getattr(txmgr.errors, name), txmgr.TxmgrError)
         assert getattr(txmgr, name) is getattr(txmgr.errors, name)
+
+
+class _OldServerInfo:
+    server_version = 120011
+
+
+class _OldServer:
+    """Just enough of a psycopg connection to look like PostgreSQL 12."""
+
+    info = _OldServerInfo()
+
+
+def test_postgresql_older_than_13_is_refused() -> None:
+    from txmgr.participant import check_server
+
+    with pytest.raises(txmgr.UnsupportedServer, match=r"'orders' runs PostgreSQL 12.*13 or newer"):
+        check_server(_OldServer(), "orders")  # type: ignore[arg-type]

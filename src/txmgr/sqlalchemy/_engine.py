@@ -1,0 +1,104 @@
+"""One Engine per participant, whose pool hands out the current branch connection.
+
+Dialect initialization (server version, schema, type checks) costs round trips,
+so an Engine lives as long as the manager and serves every transaction. Its
+``NullPool`` never keeps a connection: each ``connect()`` takes the psycopg
+connection that the calling thread's transaction put in a context variable,
+and its "close" is the dialect's no-op: the connection stays in its branch,
+then goes back to txmgr's pool when txmgr ends the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, cast
+
+import psycopg
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
+
+from txmgr.errors import TransactionStateError
+from txmgr.sqlalchemy._dialect import DRIVER_NAME
+from txmgr.sqlalchemy._state import INFO_KEY, BranchState
+
+__all__ = ["ENGINE_OPTIONS", "connect_branch", "create_branch_engine"]
+
+#: create_engine() options that make sense for connections txmgr owns. Pool,
+#: connect and isolation options do not (txmgr made and pools the connections),
+#: nor do psycopg adapter options (SQLAlchemy applies them when it connects).
+ENGINE_OPTIONS = frozenset({
+    "echo", "echo_pool", "enable_from_linting", "execution_options", "hide_parameters",
+    "insertmanyvalues_page_size", "label_length", "logging_name", "pool_logging_name",
+    "query_cache_size", "use_insertmanyvalues",
+})
+
+# The branch connection being wrapped by connect_branch(), in this thread.
+_handout: ContextVar[psycopg.Connection[Any] | None] = ContextVar(
+    "txmgr_sqlalchemy_handout", default=None
+)
+
+
+def _creator() -> DBAPIConnection:
+    conn = _handout.get()
+    if conn is None:
+        raise TransactionStateError(
+            "this Engine only runs inside txmgr transactions: use "
+            "tx.connection(name) or tx.session(name) of a txmgr.sqlalchemy transaction"
+        )
+    return cast(DBAPIConnection, conn)
+
+
+def _on_invalidate(
+    dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, error: BaseException | None
+) -> None:
+    # SQLAlchemy drops an invalidated connection and its transaction with it.
+    info = record.record_info
+    state = info.get(INFO_KEY) if info is not None else None
+    if isinstance(state, BranchState) and state.open:
+        state.mark_rolled_back(
+            "SQLAlchemy invalidated the connection (Session.invalidate(), "
+            "Connection.invalidate() or a lost connection)",
+            error,
+        )
+
+
+def create_branch_engine(options: Mapping[str, Any]) -> Engine:
+    """An Engine for one participant; ``options`` were checked against ENGINE_OPTIONS."""
+    engine = create_engine(
+        f"{DRIVER_NAME}://",
+        creator=_creator,
+        poolclass=NullPool,
+        pool_reset_on_return=None,  # txmgr ends the transaction, not a checkin
+        # Native hstore registers its adapter on the first connection only (the
+        # others would get it as connect() arguments, which txmgr's pool never
+        # sees), so results would differ between connections.
+        use_native_hstore=False,
+        **options,
+    )
+    event.listen(engine, "invalidate", _on_invalidate)
+    return engine
+
+
+def connect_branch(engine: Engine, conn: psycopg.Connection[Any], state: BranchState) -> Connection:
+    """A SQLAlchemy Connection on ``conn``, inside an SQLAlchemy transaction standing for the
+    branch (so that sessions join it instead of beginning their own)."""
+    token = _handout.set(conn)
+    try:
+        sa_conn = engine.connect()
+    finally:
+        _handout.reset(token)
+    # The pool entry lives as long as this checkout (NullPool), and the dialect
+    # receives it with every call: that is how it finds the branch.
+    record_info = sa_conn.connection.record_info
+    assert record_info is not None  # not detached
+    record_info[INFO_KEY] = state
+    try:
+        sa_conn.begin()  # no round trip: psycopg's do_begin is a no-op
+    except BaseException:
+        state.open = False
+        sa_conn.close()
+        raise
+    return sa_conn

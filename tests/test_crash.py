@@ -323,3 +323,32 @@ def test_connection_lost_at_prepare_rolls_back(bank: Bank) -> None:
         tx.connection("a").execute("UPDATE accounts SET balance = balance - 5 WHERE id = 1")
         tx.connection("b").execute("UPDATE accounts SET balance = balance + 5 WHERE id = 1")
     assert (bank.balance("a"), bank.balance("b")) == (START - 5, START + 5)
+
+
+class StopLogBeforeDecision(Hooks):
+    def __init__(self, server: PgServer) -> None:
+        self.server = server
+
+    def before_decision(self, txid: str, lxid: int) -> None:
+        self.server.crash()  # and it stays down
+
+
+def test_log_down_at_decision_gives_outcome_unknown(
+    make_bank: MakeBank, crash_server: PgServer, pg_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import txmgr.transaction
+
+    monkeypatch.setattr(txmgr.transaction, "CONFIRM_PATIENCE", 0.5)
+    bank = bank_on(make_bank, crash_server, pg_server, "log")
+    tm = bank.manager(connect_timeout=1, hooks=StopLogBeforeDecision(crash_server))
+    with pytest.raises(txmgr.OutcomeUnknown) as info, tm.transaction() as tx:
+        tx.connection("a").execute("UPDATE accounts SET balance = balance - 5 WHERE id = 1")
+        tx.connection("b").execute("UPDATE accounts SET balance = balance + 5 WHERE id = 1")
+    assert info.value.txid == tx.txid
+    assert len(bank.prepared()) == 2  # in doubt until the log is back
+    report = txmgr.recover(bank.config())
+    assert not report.log_reachable and report.resolutions == []  # nothing decided blindly
+    crash_server.restart()
+    report = recover_until_settled(bank)
+    assert report.ok and report.rolled_back == 2  # L never committed
+    assert (bank.balance("a"), bank.balance("b")) == (START, START)

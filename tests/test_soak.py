@@ -11,9 +11,9 @@ import random
 import threading
 
 import pytest
-from support import Bank, MakeBank
 
 import txmgr
+from support import Bank, MakeBank
 from txmgr.testing.killed_coordinator import KILL_POINTS
 
 pytestmark = pytest.mark.soak

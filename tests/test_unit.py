@@ -88,6 +88,12 @@ def test_transaction_control_statement(query: str, found: str | None) -> None:
     assert transaction_control_statement(query) == found
 
 
+def test_backslash_quotes_without_standard_conforming_strings() -> None:
+    query = "SELECT 'x\\''; COMMIT; --'"
+    assert transaction_control_statement(query, standard_strings=False) == "COMMIT"
+    assert transaction_control_statement(query, standard_strings=True) is None
+
+
 @pytest.mark.parametrize(
     ("dsn", "masked"),
     [

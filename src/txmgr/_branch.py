@@ -90,7 +90,8 @@ class BranchCursor(psycopg.Cursor[Any]):
             text = query
         else:  # a template string: its literal parts decide
             text = " ".join(s for s in getattr(query, "strings", ()) if isinstance(s, str))
-        stmt = transaction_control_statement(text)
+        standard = conn.info.parameter_status("standard_conforming_strings") != "off"
+        stmt = transaction_control_statement(text, standard_strings=standard)
         if stmt is not None:
             raise _refuse(f"SQL {stmt}", branch)
 

@@ -22,15 +22,17 @@ _CANDIDATE = re.compile(r"(?<![A-Za-z0-9_$])(?:commit|end|abort|rollback|prepare
                         re.IGNORECASE)
 
 
-def transaction_control_statement(query: str) -> str | None:
+def transaction_control_statement(query: str, *, standard_strings: bool = True) -> str | None:
     """The first statement of ``query`` that would end the transaction, or None.
 
     ``ROLLBACK TO [SAVEPOINT] x`` and ``PREPARE name AS …`` (a prepared
     statement) are allowed: they do not end the transaction.
+    ``standard_strings`` is the session's ``standard_conforming_strings``: when
+    off, a backslash escapes a quote inside an ordinary ``'…'`` string too.
     """
     if _CANDIDATE.search(query) is None:
         return None
-    for words in _statement_heads(query):
+    for words in _statement_heads(query, standard_strings):
         first = words[0].upper() if words else ""
         second = words[1].upper() if len(words) > 1 else ""
         if first == "ROLLBACK" and second == "TO":
@@ -42,7 +44,7 @@ def transaction_control_statement(query: str) -> str | None:
     return None
 
 
-def _statement_heads(query: str) -> list[list[str]]:
+def _statement_heads(query: str, standard_strings: bool) -> list[list[str]]:
     """The first two words of every statement in ``query``."""
     heads: list[list[str]] = [[]]
     i, n = 0, len(query)
@@ -59,7 +61,8 @@ def _statement_heads(query: str) -> list[list[str]]:
         elif query.startswith("/*", i):
             i = _skip_block_comment(query, i)
         elif c == "'":
-            i = _skip_quoted(query, i + 1, "'", backslash=_is_escape_string(query, i))
+            backslash = not standard_strings or _is_escape_string(query, i)
+            i = _skip_quoted(query, i + 1, "'", backslash=backslash)
             _mark_seen(heads)
         elif c == '"':
             i = _skip_quoted(query, i + 1, '"', backslash=False)

@@ -196,8 +196,19 @@ def xact_status(conn: psycopg.Connection[Any], lxids: Iterable[int]) -> dict[int
 
 
 def _xact_status(conn: psycopg.Connection[Any], ids: list[int]) -> dict[int, XactStatus]:
+    # A transaction is marked committed in the commit log before it leaves the
+    # process array (and, with synchronous replication, before the standby
+    # confirms); until then its commit is not visible to new snapshots, and
+    # some server releases report "committed" already. Its xid lock is held
+    # until after that, so while the lock is held, report "in progress".
     rows = conn.execute(
-        "SELECT x, pg_xact_status(x::text::xid8) FROM unnest(%s::bigint[]) AS x", (ids,)
+        "SELECT x, CASE WHEN s = 'committed' AND EXISTS ("
+        "  SELECT 1 FROM pg_locks l WHERE l.locktype = 'transactionid'"
+        "  AND l.transactionid::text = (x %% 4294967296)::text)"
+        " THEN 'in progress' ELSE s END "
+        "FROM (SELECT x, pg_xact_status(x::text::xid8) AS s "
+        "      FROM unnest(%s::bigint[]) AS x) AS q",
+        (ids,),
     ).fetchall()
     _reset(conn)
     return {int(r[0]): r[1] for r in rows}

@@ -197,14 +197,15 @@ class Recoverer:
             return Resolution(name, branch.gid, gid.txid, outcome, branch.prepared, detail)
 
         try:
-            done = finish_prepared(self._conns[name], branch.gid, commit=commit)
+            conn = self._conn(name, self.config.participants[name])
+            done = finish_prepared(conn, branch.gid, commit=commit)
         except psycopg.errors.InsufficientPrivilege as e:
             return result(
                 "error",
                 f"{e}: connect recovery as the role that prepared it ({branch.owner}) "
                 "or a superuser",
             )
-        except psycopg.Error as e:
+        except (psycopg.Error, TxmgrError) as e:  # lost connection: reconnect next branch
             self._drop(name)
             return result("error", redact(str(e)))
         if done == "missing":

@@ -18,9 +18,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import psycopg
 from psycopg import sql
@@ -33,6 +33,7 @@ from txmgr._multiplex import Job, run_all
 from txmgr.config import Config
 from txmgr.errors import (
     LogSchemaError,
+    ManualTransactionControl,
     OutcomeUnknown,
     ParticipantUnavailable,
     TransactionAborted,
@@ -138,9 +139,11 @@ class Transaction:
         """Roll back every branch (called by the ``with`` block on an exception)."""
         if self._state is not TransactionState.ACTIVE:
             return
-        self._rollback_branches(self._branches.values())
         self._state = TransactionState.ROLLED_BACK
-        self._release_all()
+        try:
+            self._rollback_branches(self._branches.values())
+        finally:
+            self._release_all()
 
     def __enter__(self) -> Transaction:
         return self
@@ -173,8 +176,10 @@ class Transaction:
                         sql.Literal(self.txid)
                     )
                 )
-            except psycopg.OperationalError as e:
+            except BaseException as e:
                 participant.release(conn)
+                if not isinstance(e, psycopg.OperationalError):
+                    raise
                 if attempt == 2:
                     raise ParticipantUnavailable(
                         f"participant {participant.name!r} dropped the connection: {e}",
@@ -216,14 +221,20 @@ class Transaction:
             if decision is not None:
                 decision.cancel()
             b, err = failed[0]
+            if isinstance(err, _ManualEnd):
+                self._abort_manual(b)
             self._abort(f"participant {b.name!r} failed before prepare: {err}", err)
         writers = [b for b, v in zip(branches, votes, strict=True) if v is True]
         readers = [b for b in branches if b not in writers]
-        tm.hooks.after_vote(self.txid, [b.name for b in writers])
+        try:
+            tm.hooks.after_vote(self.txid, [b.name for b in writers])
+        except Exception as e:
+            if decision is not None:
+                decision.cancel()
+            self._abort(f"the after_vote hook failed: {e}", e)
         if len(writers) <= 1:
             self._commit_one_phase(writers[0] if writers else None, readers, decision)
             return
-        self._rollback_branches(readers)
         if decision is None:
             log_name = tm.log_participant
             assert log_name is not None
@@ -233,22 +244,38 @@ class Transaction:
                 log_branch = self._branches[log_name] = _Branch(p, self._open_branch(p))
                 log_branch.conn._txmgr_branch = None
             to_prepare = [b for b in writers if b is not log_branch]
+            readers = [b for b in readers if b is not log_branch]
             decision = _Decision(tm, self.txid, log_branch.conn)
             decision.open([b.name for b in writers])
         else:
             decision.open([b.name for b in branches])  # unless it already is
             to_prepare = writers
-        self._two_phase(decision, to_prepare)
+        self._two_phase(decision, to_prepare, readers)
 
     def _check_usable(self, branches: list[_Branch]) -> None:
         for b in branches:
             status = b.conn.info.transaction_status
+            if not b.conn.closed and status == TransactionStatus.IDLE:
+                self._abort_manual(b)
             if b.conn.closed or status != TransactionStatus.INTRANS:
-                why = {
-                    TransactionStatus.INERROR: "a statement failed and the branch is aborted",
-                    TransactionStatus.IDLE: "its transaction was ended by hand",
-                }.get(status, "its connection is broken")
+                why = (
+                    "a statement failed and the branch is aborted"
+                    if status == TransactionStatus.INERROR
+                    else "its connection is broken"
+                )
                 self._abort(f"participant {b.name!r} cannot commit: {why}", None)
+
+    def _abort_manual(self, b: _Branch) -> NoReturn:
+        """A branch's transaction was ended behind txmgr's back: say so honestly."""
+        self._rollback_branches(self._branches.values())
+        self._state = TransactionState.ROLLED_BACK
+        raise ManualTransactionControl(
+            f"transaction {self.txid}: the branch of participant {b.name!r} was ended by hand "
+            "(COMMIT or ROLLBACK through a cursor txmgr does not guard, such as one "
+            "constructed directly with psycopg.ClientCursor(conn)); what it had done may "
+            f"be committed in {b.name!r}, every other branch was rolled back. Use "
+            "conn.execute() or conn.cursor(), and never end a branch by hand"
+        )
 
     def _vote(self, b: _Branch, job: Job) -> bool | Exception:
         """True when the branch wrote (it has an xid); checks it is still our transaction."""
@@ -256,41 +283,43 @@ class Transaction:
             return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
         assert job.rows is not None
         wrote, marker = job.rows[0]
-        if marker != self.txid:
-            return TransactionAborted(
-                f"participant {b.name!r}: its transaction was ended by hand inside the "
-                "branch (COMMIT/ROLLBACK must not be issued inside a txmgr transaction)",
-                txid=self.txid,
-            )
+        if marker != self.txid:  # ended by hand, and a new transaction begun since
+            return _ManualEnd(b.name)
         return wrote == "t"
 
     def _commit_one_phase(
         self, writer: _Branch | None, readers: list[_Branch], decision: _Decision | None
     ) -> None:
-        """Commit the only writer; end the readers and an unneeded decision alongside."""
-        jobs = [Job(b.conn, b"ROLLBACK") for b in readers]
+        """Commit the only writer, then end the read-only branches (committed, so that
+        what they did — a NOTIFY — happens only if the writer committed)."""
+        jobs = []
         if decision is not None and decision.conn is not None:
-            jobs.append(Job(decision.conn, b"ROLLBACK"))
+            jobs.append(Job(decision.conn, b"ROLLBACK"))  # L was not needed
             decision.forget_later()
         commit = Job(writer.conn, b"COMMIT") if writer is not None else None
         run_all([*jobs, commit] if commit is not None else jobs)
+        if commit is not None and commit.error is not None:
+            assert writer is not None
+            e = commit.error
+            if isinstance(e, psycopg.OperationalError):
+                self._rollback_branches(readers)
+                self._state = TransactionState.UNKNOWN
+                raise OutcomeUnknown(
+                    f"lost the connection to {writer.name!r} while it committed (one-phase "
+                    f"commit, the only participant that wrote): the commit may or may not "
+                    f"have happened; check the data in {writer.name!r}",
+                    txid=self.txid,
+                ) from e
+            # e.g. a deferred constraint failing at COMMIT: the server rolled it back
+            self._abort(f"participant {writer.name!r} could not commit: {e}", e)
+        run_all([Job(b.conn, b"COMMIT") for b in readers])
         self._state = TransactionState.COMMITTED
-        if commit is None or commit.error is None:
-            return
-        assert writer is not None
-        e = commit.error
-        if isinstance(e, psycopg.OperationalError):
-            self._state = TransactionState.UNKNOWN
-            raise OutcomeUnknown(
-                f"lost the connection to {writer.name!r} while it committed (one-phase "
-                f"commit, the only participant that wrote): the commit may or may not have "
-                f"happened; check the data in {writer.name!r}",
-                txid=self.txid,
-            ) from e
-        # e.g. a deferred constraint failing at COMMIT: the server rolled it back
-        self._abort(f"participant {writer.name!r} could not commit: {e}", e)
 
-    def _two_phase(self, decision: _Decision, to_prepare: list[_Branch]) -> None:
+    def _two_phase(
+        self, decision: _Decision, to_prepare: list[_Branch], readers: list[_Branch]
+    ) -> None:
+        """Prepare the writers, decide, commit them; the read-only branches end with
+        them (committed, so that their locks are held until the decision)."""
         tm = self._tm
         if decision.error is not None:
             decision.cancel()
@@ -324,9 +353,13 @@ class Transaction:
             decision.cancel()
             b, err = failed[0]
             self._abort(f"participant {b.name!r} could not prepare (voted no): {err}", err)
-        tm.hooks.before_decision(self.txid, lxid)
-        self._decide(decision)
-        tm.hooks.after_decision(self.txid, lxid)
+        try:
+            tm.hooks.before_decision(self.txid, lxid)
+        except Exception as e:
+            decision.cancel()
+            self._abort(f"the before_decision hook failed: {e}", e)
+        self._decide(decision, to_prepare)
+        _quiet_hook(tm.hooks.after_decision, self.txid, lxid)
 
         def before(b: _Branch) -> None:
             assert b.gid is not None
@@ -336,18 +369,20 @@ class Transaction:
             Job(b.conn, _command("COMMIT PREPARED {}", b), before=partial(before, b))
             for b in to_prepare
         ]
-        run_all(jobs)
+        run_all([*jobs, *(Job(b.conn, b"COMMIT") for b in readers)])
         pending = []
         for b, job in zip(to_prepare, jobs, strict=True):
             assert b.gid is not None
-            if job.error is None or _finished_elsewhere(job.error):
+            # "does not exist": recovery committed it. "busy" (55000) is NOT done:
+            # another session holds it right now, so the decision row must stay.
+            if job.error is None or isinstance(job.error, psycopg.errors.UndefinedObject):
                 b.prepared = False
-                tm.hooks.after_commit_prepared(self.txid, b.name, b.gid)
+                _quiet_hook(tm.hooks.after_commit_prepared, self.txid, b.name, b.gid)
             else:
                 pending.append(b)
                 logger.warning(
-                    "txid=%s gid=%s participant=%s: COMMIT PREPARED failed, recovery will "
-                    "finish it: %s", self.txid, b.gid, b.name, job.error,
+                    "txid=%s gid=%s participant=%s: COMMIT PREPARED did not finish, recovery "
+                    "will: %s", self.txid, b.gid, b.name, job.error,
                 )
         if pending:
             self._state = TransactionState.COMMITTED_PENDING
@@ -355,26 +390,35 @@ class Transaction:
             tm.forget([self.txid])
             self._state = TransactionState.COMMITTED
 
-    def _decide(self, decision: _Decision) -> None:
+    def _decide(self, decision: _Decision, prepared: list[_Branch]) -> None:
         """Commit the decision transaction; settle a lost reply by asking the log."""
-        assert decision.conn is not None
+        conn = decision.conn
+        assert conn is not None
         try:
-            decision.conn.commit()
+            conn.commit()
             return
-        except psycopg.OperationalError as e:
-            # The COMMIT may or may not have happened (connection lost, or the
-            # server ended an idle session). The log knows.
+        except psycopg.Error as e:
             error: BaseException = e
-            outcome = self._confirm(decision.lxid)
-        except psycopg.Error as e:  # the COMMIT was refused: L rolled back
-            error, outcome = e, "aborted"
+            if isinstance(e, psycopg.OperationalError) or conn.closed or conn.broken:
+                # The COMMIT may or may not have happened (connection lost, the
+                # server ended an idle session or failed). The log knows.
+                outcome = self._confirm(decision.lxid, prepared)
+            else:  # the server refused the COMMIT (e.g. a deferred constraint): L rolled back
+                outcome = "aborted"
         if outcome == "committed":
             return
-        self._tm.forget_later(decision.forget)
-        decision.forget = []
+        decision.forget_later()
         if outcome == "aborted":
             self._abort(f"the decision transaction in the log did not commit: {error}", error)
         self._state = TransactionState.UNKNOWN
+        if outcome == "finished":
+            raise OutcomeUnknown(
+                f"transaction {self.txid}: lost the log connection while committing the "
+                f"decision ({error}), and by the time the log answered, recovery had already "
+                "finished every branch: they are all committed or all rolled back, but the "
+                "log no longer tells which",
+                txid=self.txid,
+            ) from error
         raise OutcomeUnknown(
             f"transaction {self.txid}: lost the log connection while committing the decision "
             f"and could not learn the outcome ({error}); it is committed on every participant "
@@ -382,21 +426,31 @@ class Transaction:
             txid=self.txid,
         ) from error
 
-    def _confirm(self, lxid: int) -> decision_log.XactStatus:
-        """"committed", "aborted" or "in progress" (= could not learn) for our ``L``."""
+    def _confirm(self, lxid: int, prepared: list[_Branch]) -> str:
+        """What became of our ``L``: "committed", "aborted", "finished" (by recovery,
+        outcome no longer known) or "unknown" (the log could not be asked)."""
         deadline = time.monotonic() + CONFIRM_PATIENCE
         while True:
             try:
                 with self._tm.confirm_connection() as conn:
                     status = decision_log.xact_status(conn, [lxid]).get(lxid)
                     if status != "in progress":
-                        # L is over; its row (read in a later statement) says how.
-                        done = decision_log.committed_txids(conn, [self.txid])
-                        return "committed" if self.txid in done else "aborted"
+                        # L is over; its row, read in a later statement, says how.
+                        if self.txid in decision_log.committed_txids(conn, [self.txid]):
+                            return "committed"
+                        if status in ("aborted", "future"):
+                            return "aborted"
+                        # "committed" (or too old) and no row: either recovery
+                        # committed every branch and deleted the row, or the log
+                        # crashed and lxid now names another transaction. A
+                        # committed decision's row outlives its prepared branches.
+                        still = _any_prepared(prepared)
+                        if still is not None:
+                            return "aborted" if still else "finished"
             except Exception as e:
                 logger.warning("txid=%s: cannot reach the log to confirm: %s", self.txid, e)
             if time.monotonic() >= deadline:
-                return "in progress"
+                return "unknown"
             time.sleep(0.1)  # the old session is still being torn down by the server
 
     def _abort(self, message: str, cause: BaseException | None) -> Any:
@@ -428,9 +482,13 @@ class Transaction:
                 logger.warning("txid=%s: rollback failed: %s", self.txid, job.error)
 
     def _release_all(self) -> None:
-        for b in self._branches.values():
-            b.participant.release(b.conn)
+        branches = list(self._branches.values())
         self._branches.clear()
+        for b in branches:
+            try:
+                b.participant.release(b.conn)
+            except Exception as e:  # one bad connection must not strand the others
+                logger.warning("participant=%s: could not return a connection: %s", b.name, e)
 
 
 _VOTE_QUERY = (
@@ -442,6 +500,30 @@ def _command(template: str, b: _Branch) -> bytes:
     """``template`` with the branch's gid as a quoted literal."""
     assert b.gid is not None
     return sql.SQL(template).format(sql.Literal(b.gid)).as_bytes(b.conn)
+
+
+class _ManualEnd(Exception):
+    """A vote found the branch's transaction ended by hand."""
+
+
+def _quiet_hook(hook: Callable[..., None], *args: object) -> None:
+    """Run a hook after the decision: its failure must not change the outcome."""
+    try:
+        hook(*args)
+    except Exception as e:
+        logger.warning("hook %s failed after the decision: %s", hook.__name__, e)
+
+
+def _any_prepared(branches: list[_Branch]) -> bool | None:
+    """Is any of these branches still prepared? None when a participant cannot tell."""
+    jobs = [
+        Job(b.conn, _command("SELECT count(*) FROM pg_prepared_xacts WHERE gid = {}", b))
+        for b in branches
+    ]
+    run_all(jobs)
+    if any(j.error is not None or not j.rows for j in jobs):
+        return None
+    return any(j.rows and j.rows[0][0] != "0" for j in jobs)
 
 
 def _finished_elsewhere(error: BaseException) -> bool:

@@ -573,29 +573,47 @@ class _Decision:
         return Job(self.conn, query.as_bytes(self.conn))
 
     def opened(self, job: Job) -> None:
-        if job.error is not None:
-            self.error = job.error
-        else:
+        if job.error is None:
             assert job.rows is not None
             self.lxid = int(str(job.rows[-1][0]))
+        elif self._owned and isinstance(job.error, psycopg.OperationalError):
+            # Most likely a pooled connection that went stale (the log server
+            # restarted): nothing was decided, open() retries on a fresh one.
+            self._discard_connection()
+        else:
+            self.error = job.error
 
     def open(self, participants: list[str]) -> None:
         """Open ``L`` now, unless it already is; a failure is kept in ``error``."""
         if self.lxid or self.error is not None:
             return
-        try:
-            if self.conn is None:
-                self.conn = self._tm.log_connection()
-            self.forget = self._tm.take_forget()
-            self.lxid = decision_log.open_decision(
-                self.conn,
-                self._txid,
-                participants,
-                idle_timeout=self._tm.config.log_idle_timeout,
-                forget=self.forget,
-            )
-        except Exception as e:
-            self.error = e
+        for attempt in (1, 2):
+            try:
+                if self.conn is None:
+                    self.conn = self._tm.log_connection()
+                self.forget = self._tm.take_forget()
+                self.lxid = decision_log.open_decision(
+                    self.conn,
+                    self._txid,
+                    participants,
+                    idle_timeout=self._tm.config.log_idle_timeout,
+                    forget=self.forget,
+                )
+                return
+            except psycopg.OperationalError as e:
+                if not self._owned or attempt == 2:
+                    self.error = e
+                    return
+                self._discard_connection()  # stale pooled connection: once more
+            except Exception as e:
+                self.error = e
+                return
+
+    def _discard_connection(self) -> None:
+        self.forget_later()
+        if self.conn is not None:
+            self._tm.release_log_connection(self.conn)  # the pool drops a broken one
+            self.conn = None
 
     def forget_later(self) -> None:
         """``L`` will not commit: its cleanup of finished rows waits for the next one."""

@@ -1,5 +1,6 @@
-"""Review tests: each one demonstrates a suspected correctness bug (expected to FAIL
-against the current code). See the review report for the analysis."""
+"""Edge cases of the protocol found in review: a lost COMMIT reply raced by
+recovery, a lost recovery connection, unguarded manual COMMIT, failing hooks,
+backslash-quoted SQL, and a busy COMMIT PREPARED."""
 
 from __future__ import annotations
 
@@ -265,3 +266,16 @@ def test_busy_commit_prepared_does_not_delete_the_decision_early(
             if hooks.holder is not None:
                 hooks.holder.join(20)
             tm.close()
+
+
+def test_stale_log_connection_is_replaced(bank: Bank) -> None:
+    tm = bank.manager()
+    with tm.transaction() as tx:
+        move(tx, 1)
+    # Every pooled log connection dies (as when the log server restarts).
+    query(bank.dsns["a"], "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+          "WHERE datname = %s AND pid <> pg_backend_pid()",
+          (psycopg.conninfo.conninfo_to_dict(bank.log_dsn)["dbname"],))
+    with tm.transaction() as tx:
+        move(tx, 2)
+    assert (bank.balance("a"), bank.balance("b")) == (START - 3, START + 3)

@@ -30,11 +30,12 @@ from typing import Any, Literal
 import psycopg
 
 from txmgr import log as decision_log
+from txmgr._connections import LOG_KEY, ConnectionCache
 from txmgr._dsn import redact
 from txmgr._gid import Gid, log_prefix
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
-from txmgr.participant import PreparedBranch, connect, finish_prepared, list_prepared
+from txmgr.participant import PreparedBranch, finish_prepared, list_prepared
 
 __all__ = ["Recoverer", "RecoveryReport", "Resolution", "recover"]
 
@@ -117,28 +118,20 @@ class Recoverer:
     ) -> None:
         self.config = config
         self._on_resolution = on_resolution
-        self._conns: dict[str, psycopg.Connection[Any]] = {}  # "log" or participant -> conn
+        self._conns = ConnectionCache(connect_timeout=config.connect_timeout)
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        self._conns.close()
 
     def _conn(self, key: str, dsn: str) -> psycopg.Connection[Any]:
-        conn = self._conns.get(key)
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        conn = connect(dsn, key, connect_timeout=self.config.connect_timeout, autocommit=True)
-        self._conns[key] = conn
-        return conn
+        name = (self.config.log_participant or "log") if key == LOG_KEY else key
+        return self._conns.get(key, dsn, name)
 
     def _drop(self, key: str) -> None:
-        conn = self._conns.pop(key, None)
-        if conn is not None:
-            conn.close()
+        self._conns.drop(key)
 
     def log_connection(self) -> psycopg.Connection[Any]:
-        return self._conn("\0log", self.config.log_dsn)
+        return self._conn(LOG_KEY, self.config.log_dsn)
 
     def run_pass(self) -> RecoveryReport:
         report = RecoveryReport()
@@ -147,7 +140,7 @@ class Recoverer:
             logid = decision_log.read_logid(lconn, self.config.log_dsn)
             rows = {r.txid: r for r in decision_log.decision_rows(lconn)}
         except (psycopg.Error, TxmgrError) as e:
-            self._drop("\0log")
+            self._drop(LOG_KEY)
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
             return report
@@ -167,7 +160,7 @@ class Recoverer:
             over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
             committed = decision_log.committed_txids(lconn, over)
         except psycopg.Error as e:
-            self._drop("\0log")
+            self._drop(LOG_KEY)
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
             return report
@@ -237,6 +230,6 @@ class Recoverer:
         try:
             report.decisions_deleted = decision_log.delete_decisions(lconn, finished)
         except psycopg.Error as e:
-            self._drop("\0log")
+            self._drop(LOG_KEY)
             report.errors.append(f"log: could not delete finished decisions: {redact(str(e))}")
         report.decisions_pending = len(rows) - report.decisions_deleted

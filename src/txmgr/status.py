@@ -31,11 +31,11 @@ from typing import Any, Literal
 import psycopg
 
 from txmgr import log as decision_log
+from txmgr._connections import LOG_KEY, ConnectionCache
 from txmgr._dsn import redact
 from txmgr._gid import Gid
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
-from txmgr.participant import connect
 
 __all__ = [
     "BranchStatus",
@@ -259,41 +259,29 @@ class Inspector:
     def __init__(self, config: Config, *, application_name: str = "txmgr-status") -> None:
         self.config = config
         self._application_name = application_name
-        self._conns: dict[str, psycopg.Connection[Any]] = {}  # "\0log" or participant -> conn
+        self._conns = ConnectionCache(
+            connect_timeout=config.connect_timeout, application_name=application_name
+        )
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        self._conns.close()
 
     def _conn(self, key: str, dsn: str, name: str) -> psycopg.Connection[Any]:
-        conn = self._conns.get(key)
-        if conn is None or conn.closed or conn.broken:
-            conn = connect(
-                dsn,
-                name,
-                connect_timeout=self.config.connect_timeout,
-                autocommit=True,
-                application_name=self._application_name,
-            )
-            self._conns[key] = conn
-        return conn
+        return self._conns.get(key, dsn, name)
 
     def _drop(self, key: str) -> None:
-        conn = self._conns.pop(key, None)
-        if conn is not None:
-            conn.close()
+        self._conns.drop(key)
 
     def inspect(self) -> StatusReport:
         report = StatusReport()
         rows: list[decision_log.DecisionRow] = []
         lconn: psycopg.Connection[Any] | None = None
         try:
-            lconn = self._conn("\0log", self.config.log_dsn, self.config.log_participant or "log")
+            lconn = self._conn(LOG_KEY, self.config.log_dsn, self.config.log_participant or "log")
             report.logid = decision_log.read_logid(lconn, self.config.log_dsn)
             rows = decision_log.decision_rows(lconn)
         except (psycopg.Error, TxmgrError) as e:
-            self._drop("\0log")
+            self._drop(LOG_KEY)
             lconn = None
             report.logid = None
             report.log_error = redact(str(e))
@@ -348,7 +336,7 @@ class Inspector:
             over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
             return statuses, decision_log.committed_txids(lconn, over)
         except psycopg.Error as e:
-            self._drop("\0log")
+            self._drop(LOG_KEY)
             report.log_error = redact(str(e))
             report.logid = None
             return {}, set()

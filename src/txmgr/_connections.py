@@ -1,0 +1,50 @@
+"""Long-lived autocommit connections for recovery and inspection, one per server role.
+
+Recovery passes and status looks run again and again (the daemon): they keep
+one connection per participant and one to the log, open a new one when the
+old one broke, and drop one after an error so the next use reconnects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from txmgr.participant import connect
+
+__all__ = ["LOG_KEY", "ConnectionCache"]
+
+LOG_KEY = "\0log"  # cannot clash with a participant name
+
+
+class ConnectionCache:
+    """Autocommit connections by key (a participant name, or :data:`LOG_KEY`)."""
+
+    def __init__(self, *, connect_timeout: float, application_name: str | None = None) -> None:
+        self._connect_timeout = connect_timeout
+        self._application_name = application_name
+        self._conns: dict[str, psycopg.Connection[Any]] = {}
+
+    def get(self, key: str, dsn: str, name: str | None = None) -> psycopg.Connection[Any]:
+        """The connection for ``key``, (re)connecting to ``dsn`` when needed."""
+        conn = self._conns.get(key)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        extra = {"application_name": self._application_name} if self._application_name else {}
+        conn = connect(
+            dsn, name or key, connect_timeout=self._connect_timeout, autocommit=True, **extra
+        )
+        self._conns[key] = conn
+        return conn
+
+    def drop(self, key: str) -> None:
+        """Close the connection for ``key`` (after an error): the next get() reconnects."""
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

@@ -48,6 +48,7 @@ __all__ = [
     "decision_query",
     "decision_rows",
     "delete_decisions",
+    "log_session_options",
     "open_decision",
     "read_logid",
     "xact_status",
@@ -109,29 +110,33 @@ def decision_query(
     idle_timeout: float,
     forget: Sequence[str] = (),
     begin: bool,
+    session_settings: bool = False,
 ) -> sql.Composed:
     """The one query that opens ``L`` (with ``begin``) and inserts the decision row.
 
     It also deletes the rows of ``forget`` (finished earlier), so that cleanup
     costs no round trip of its own. Its last result is ``L``'s xid. It is sent
     in the simple protocol, every value quoted by psycopg (``sql.Literal``).
+    ``session_settings``: the session already runs with :func:`log_session_options`
+    (a dedicated log connection), so the two ``SET LOCAL`` are not needed.
     """
     timeout_ms = max(1, int(idle_timeout * 1000))
     parts: list[sql.Composable] = []
     if begin:
         parts.append(sql.SQL("BEGIN"))
-    # The decision must survive a crash of the log server before anybody is
-    # told it is committed, whatever the server default says.
-    parts.append(sql.SQL("SET LOCAL synchronous_commit = on"))
-    # A coordinator that hangs inside the protocol is aborted by the server
-    # itself, so in-doubt branches never wait on a dead process forever.
-    # (PostgreSQL 15 did not arm this timer when the SET came through a
-    # pipeline of the extended protocol; the simple protocol works.)
-    parts.append(
-        sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
-            sql.Literal(timeout_ms)
+    if not session_settings:
+        # The decision must survive a crash of the log server before anybody is
+        # told it is committed, whatever the server default says.
+        parts.append(sql.SQL("SET LOCAL synchronous_commit = on"))
+        # A coordinator that hangs inside the protocol is aborted by the server
+        # itself, so in-doubt branches never wait on a dead process forever.
+        # (PostgreSQL 15 did not arm this timer when the SET came through a
+        # pipeline of the extended protocol; the simple protocol works.)
+        parts.append(
+            sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
+                sql.Literal(timeout_ms)
+            )
         )
-    )
     if forget:
         parts.append(
             sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
@@ -145,6 +150,15 @@ def decision_query(
         ).format(sql.Literal(txid), sql.Literal(list(participants)))
     )
     return sql.SQL("; ").join(parts)
+
+
+def log_session_options(dsn: str, idle_timeout: float) -> str:
+    """libpq ``options`` for a dedicated log connection: the settings every decision
+    needs, for the whole session (it runs nothing else), after the DSN's own."""
+    own = psycopg.conninfo.conninfo_to_dict(dsn).get("options") or ""
+    timeout_ms = max(1, int(idle_timeout * 1000))
+    ours = f"-c synchronous_commit=on -c idle_in_transaction_session_timeout={timeout_ms}"
+    return f"{own} {ours}".strip()
 
 
 def open_decision(

@@ -180,6 +180,9 @@ class TransactionManager:
                         kwargs={
                             "connect_timeout": max(1, round(self.config.connect_timeout)),
                             "autocommit": True,
+                            "options": decision_log.log_session_options(
+                                self.config.log_dsn, self.config.log_idle_timeout
+                            ),
                         },
                         name="txmgr-log",
                         open=True,

@@ -568,7 +568,7 @@ class _Decision:
         self.forget = self._tm.take_forget()
         query = decision_log.decision_query(
             self._txid, participants, idle_timeout=self._tm.config.log_idle_timeout,
-            forget=self.forget, begin=True,
+            forget=self.forget, begin=True, session_settings=True,
         )
         return Job(self.conn, query.as_bytes(self.conn))
 

@@ -170,3 +170,10 @@ def test_use_after_commit(bank: Bank) -> None:
         tx.connection("a")
     with pytest.raises(txmgr.TransactionStateError, match="'commit\\(\\)'"):
         tx.commit()
+
+
+def test_transaction_on_a_closed_manager(bank: Bank) -> None:
+    tm = bank.manager()
+    tm.close()
+    with pytest.raises(txmgr.TransactionStateError, match="closed TransactionManager"):
+        tm.transaction()

@@ -20,7 +20,7 @@ import psycopg_pool
 from txmgr import log as decision_log
 from txmgr._dsn import mask
 from txmgr.config import Config
-from txmgr.errors import ParticipantUnavailable, UnknownParticipant
+from txmgr.errors import ParticipantUnavailable, TransactionStateError, UnknownParticipant
 from txmgr.hooks import Hooks
 from txmgr.participant import Participant, check_server, connect
 from txmgr.transaction import Transaction
@@ -106,7 +106,9 @@ class TransactionManager:
     def transaction(self) -> Transaction:
         """A new global transaction; use it as a context manager."""
         if self._closed:
-            raise ParticipantUnavailable("the transaction manager is closed", participant="log")
+            raise TransactionStateError(
+                "'transaction()' on a closed TransactionManager: create a new one"
+            )
         self.logid()  # fail before any work when the log is unusable
         return Transaction(self)
 

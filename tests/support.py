@@ -99,3 +99,18 @@ def transfer(amount: int, src: str, dst: str, account: int = 1) -> dict[str, lis
 
 
 MakeBank = Callable[..., Bank]
+
+
+def own_server(**settings: Any) -> Any:
+    """A private PgServer with special settings; skips the test when
+    TXMGR_TEST_DSNS asks for existing servers only."""
+    import os
+
+    import pytest
+
+    from txmgr.testing import PgServer
+
+    if os.environ.get("TXMGR_TEST_DSNS", "").strip():
+        pytest.skip("needs a server of its own with special settings; "
+                    "TXMGR_TEST_DSNS asks for existing servers only")
+    return PgServer(**settings)

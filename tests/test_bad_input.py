@@ -10,8 +10,7 @@ import psycopg
 import pytest
 
 import txmgr
-from support import START, Bank, MakeBank
-from txmgr.testing import PgServer
+from support import START, Bank, MakeBank, own_server
 
 
 def assert_untouched(bank: Bank) -> None:
@@ -21,7 +20,7 @@ def assert_untouched(bank: Bank) -> None:
 
 
 def test_max_prepared_transactions_zero(make_bank: MakeBank, pg_server: Any) -> None:
-    with PgServer(max_prepared_transactions=0) as no_2pc:
+    with own_server(max_prepared_transactions=0) as no_2pc:
         bank = make_bank(("a", "b"), servers=[pg_server, no_2pc])
         tm = bank.manager()
         with pytest.raises(txmgr.PreparedTransactionsDisabled) as info, tm.transaction() as tx:

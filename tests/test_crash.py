@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import txmgr
-from support import START, Bank, MakeBank, query, transfer
+from support import START, Bank, MakeBank, own_server, query, transfer
 from txmgr.hooks import Hooks
 from txmgr.testing import PgServer
 
@@ -245,7 +245,7 @@ def test_log_restart_while_decision_open_rolls_back(
     # A slow WAL writer makes it likely that the decision transaction's xid
     # never reaches the WAL, so the restarted log server hands it out again:
     # recovery must not take that other transaction's commit for ours.
-    with PgServer(settings={"wal_writer_delay": "10s"}) as log_server:
+    with own_server(settings={"wal_writer_delay": "10s"}) as log_server:
         bank = bank_on(make_bank, log_server, pg_server, "log")
         tm = bank.manager(hooks=CrashLogBeforeDecision(log_server))
         with pytest.raises(txmgr.TransactionAborted), tm.transaction() as tx:

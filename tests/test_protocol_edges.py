@@ -12,10 +12,9 @@ import psycopg
 import pytest
 
 import txmgr
-from support import START, Bank, MakeBank, query
+from support import START, Bank, MakeBank, own_server, query
 from txmgr._gid import Gid, new_txid
 from txmgr.hooks import Hooks
-from txmgr.testing import PgServer
 
 
 def move(tx: txmgr.Transaction, amount: int, src: str = "a", dst: str = "b") -> None:
@@ -72,7 +71,7 @@ def test_lost_commit_reply_after_recovery_finished_is_not_aborted(
 ) -> None:
     # The log server makes L (which SETs LOCAL synchronous_commit = on) wait for a
     # synchronous standby that never comes; everything else commits locally.
-    with PgServer(settings={"synchronous_standby_names": "nobody",
+    with own_server(settings={"synchronous_standby_names": "nobody",
                             "synchronous_commit": "local"}) as log_server:
         parts = make_bank(("a", "b"), servers=[pg_server])
         log_dsn = log_server.create_database()
@@ -240,7 +239,7 @@ class BusyFinisher(Hooks):
 def test_busy_commit_prepared_does_not_delete_the_decision_early(
     make_bank: MakeBank, pg_server: Any
 ) -> None:
-    with PgServer(settings={"synchronous_standby_names": "nobody",
+    with own_server(settings={"synchronous_standby_names": "nobody",
                             "synchronous_commit": "local"}) as server_b:
         bank = make_bank(("a", "b"), servers=[pg_server, server_b])
         hooks = BusyFinisher(bank.dsns["b"])

@@ -1,15 +1,18 @@
 """One global transaction and the commit protocol that ends it.
 
-Protocol (see the README's "How it works"):
+Protocol (see the README's "How it works"); every step talks to all branches
+at once (:mod:`txmgr._multiplex`):
 
-1. vote: ask every branch whether it wrote; read-only branches just end.
-2. at most one writer: it commits in one phase, the log is not touched.
-3. open the decision transaction ``L`` (dedicated log database, or the log
-   participant's own branch) and insert the decision row; ``lxid`` = its xid.
-4. ``PREPARE TRANSACTION`` every other writer in parallel; any failure aborts.
-5. ``COMMIT`` ``L`` — the commit point. A lost reply is settled by asking
-   ``pg_xact_status(lxid)`` on a fresh connection.
-6. ``COMMIT PREPARED`` every branch in parallel; failures are left to recovery.
+1. vote: ask every branch whether it wrote — and, with a dedicated log, open
+   the decision transaction ``L`` in the same round trip.
+2. at most one writer: it commits in one phase (``L``, if open, rolls back).
+3. otherwise ``L`` (dedicated log database, or the log participant's own
+   branch) holds the decision row; ``lxid`` = its xid, written into each gid.
+4. ``PREPARE TRANSACTION`` every other writer; any failure aborts everything.
+5. ``COMMIT`` ``L`` — the commit point. A lost reply is settled by asking the
+   log on a fresh connection (is ``L`` over? is its row there?).
+6. ``COMMIT PREPARED`` every branch, and commit the read-only branches;
+   failures are left to recovery.
 7. the decision row is deleted by a later decision transaction.
 """
 

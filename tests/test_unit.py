@@ -213,3 +213,12 @@ def test_postgresql_older_than_13_is_refused() -> None:
 
     with pytest.raises(txmgr.UnsupportedServer, match=r"'orders' runs PostgreSQL 12.*13 or newer"):
         check_server(_OldServer(), "orders")  # type: ignore[arg-type]
+
+
+def test_network_defaults_never_override_the_dsn() -> None:
+    from txmgr.participant import NETWORK_DEFAULTS, network_defaults
+
+    assert network_defaults("host=h dbname=d") == NETWORK_DEFAULTS
+    mine = network_defaults("postgresql://u@h/d?keepalives_idle=60&tcp_user_timeout=0")
+    assert "keepalives_idle" not in mine and "tcp_user_timeout" not in mine
+    assert mine["keepalives"] == 1

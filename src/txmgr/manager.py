@@ -22,7 +22,7 @@ from txmgr._dsn import mask
 from txmgr.config import Config
 from txmgr.errors import ParticipantUnavailable, TransactionStateError, UnknownParticipant
 from txmgr.hooks import Hooks
-from txmgr.participant import Participant, check_server, connect
+from txmgr.participant import Participant, check_server, connect, network_defaults
 from txmgr.transaction import Transaction
 
 __all__ = ["TransactionManager"]
@@ -180,6 +180,7 @@ class TransactionManager:
                         # autocommit: open_decision sends its own BEGIN in the
                         # same round trip as the decision row.
                         kwargs={
+                            **network_defaults(self.config.log_dsn),
                             "connect_timeout": max(1, round(self.config.connect_timeout)),
                             "autocommit": True,
                             "options": decision_log.log_session_options(

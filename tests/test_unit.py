@@ -16,12 +16,12 @@ from txmgr.testing.killed_coordinator import KillingHooks
 
 
 def test_gid_round_trip() -> None:
-    gid = Gid("0a1b2c3d", "0123456789abcdef", 2**63 + 5, "order_items2")
+    gid = Gid("0a1b2c3d", "0123456789abcdef", 2**62 + 5, "order_items2")
     text = str(gid)
-    assert text == f"txm1_0a1b2c3d_0123456789abcdef_{2**63 + 5}_order_items2"
+    assert text == f"txm1_0a1b2c3d_0123456789abcdef_{2**62 + 5}_order_items2"
     assert Gid.parse(text) == gid
     assert text.startswith(log_prefix("0a1b2c3d"))
-    assert len(str(Gid("f" * 8, "f" * 16, 2**64 - 1, "z" * 32))) < 200
+    assert len(str(Gid("f" * 8, "f" * 16, 2**63 - 1, "z" * 32))) < 200
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,7 @@ def test_gid_round_trip() -> None:
         "txm1_0a1b2c3d_0123456789abcde_12_a",  # short txid
         "txm1_0a1b2c3d_0123456789abcdef_0_a",  # xid 0
         f"txm1_0a1b2c3d_0123456789abcdef_{2**64}_a",  # beyond 64 bits
+        f"txm1_0a1b2c3d_0123456789abcdef_{2**63}_a",  # beyond bigint
         "txm1_0a1b2c3d_0123456789abcdef_12_A",
         "txm2_0a1b2c3d_0123456789abcdef_12_a",
     ],

@@ -70,7 +70,9 @@ class Gid:
             raise ValueError(f"invalid logid {self.logid!r}: expected 8 hex characters")
         if not _TXID.fullmatch(self.txid):
             raise ValueError(f"invalid txid {self.txid!r}: expected 16 hex characters")
-        if not 0 < self.lxid < 2**64:
+        # xid8 is an epoch and an xid; no cluster reaches 2**63 (and the log
+        # compares lxids as bigint), so larger values are not ours.
+        if not 0 < self.lxid < 2**63:
             raise ValueError(f"invalid lxid {self.lxid!r}: expected a 64-bit transaction id")
         check_participant_name(self.participant)
 

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg.conninfo
+
+from txmgr._dsn import mask
 from txmgr._gid import check_participant_name
 from txmgr.errors import ConfigError
 
@@ -73,6 +76,7 @@ class Config:
             check_participant_name(name)
             if not isinstance(dsn, str) or not dsn.strip():
                 raise ConfigError(f"participant {name!r}: the DSN must be a non-empty string")
+            _check_dsn(name, dsn)
         if not isinstance(self.log, str) or not self.log.strip():
             raise ConfigError(
                 "no decision log configured: set [log] dsn = \"postgresql://…\" or "
@@ -80,10 +84,12 @@ class Config:
             )
         if self.log not in self.participants and not _looks_like_dsn(self.log):
             raise ConfigError(
-                f"log {self.log!r} is neither a configured participant nor a DSN: give a "
-                "connection string such as 'postgresql://user@host/txlog' or one of "
+                f"log {mask(self.log)!r} is neither a configured participant nor a DSN: give "
+                "a connection string such as 'postgresql://user@host/txlog' or one of "
                 f"{sorted(self.participants)}"
             )
+        if self.log not in self.participants:
+            _check_dsn("log", self.log)
         _positive("log idle_timeout", self.log_idle_timeout)
         _positive("connect_timeout", self.connect_timeout)
         _positive("recovery interval", self.recovery_interval)
@@ -164,6 +170,17 @@ def resolve_config_path(path: str | None) -> str:
     if env:
         return env
     raise ConfigError(f"no configuration file: pass --config FILE or set {CONFIG_ENV}")
+
+
+def _check_dsn(name: str, dsn: str) -> None:
+    """Reject an unparsable DSN now, without quoting libpq (it may quote the password)."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except (psycopg.ProgrammingError, psycopg.OperationalError):
+        raise ConfigError(
+            f"invalid connection string for {name!r}: {mask(dsn)}; check its syntax (in a "
+            "URL, percent-encode special characters of the password, e.g. % as %25)"
+        ) from None
 
 
 def _looks_like_dsn(text: str) -> bool:

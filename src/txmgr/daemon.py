@@ -160,7 +160,11 @@ class Daemon:
                                      extra={"event": "error", "source": "daemon"})
                 if self.stop.is_set():
                     break
-                delay = max(0.0, started + self.next_delay() - self._clock())
+                try:
+                    delay = max(0.0, started + self.next_delay() - self._clock())
+                except Exception:  # never let the loop itself die
+                    logger.exception("could not compute the next delay; using the interval")
+                    delay = self.interval
                 if self._wait(delay):
                     break
         finally:
@@ -188,7 +192,8 @@ class Daemon:
         return base * self._jitter(*JITTER)
 
     def _backoff(self) -> float:
-        return min(self.interval, BACKOFF_START * 2.0 ** (self._failures - 1))
+        # The exponent is capped: a log down for hours must not overflow the float.
+        return min(self.interval, BACKOFF_START * 2.0 ** min(self._failures - 1, 40))
 
     def health(self) -> tuple[bool, str]:
         """For /healthz: healthy while the last contact with the log succeeded recently."""

@@ -112,6 +112,8 @@ class DaemonMetrics:
             counts[key] = counts.get(key, 0) + 1
             oldest[b.participant] = max(oldest.get(b.participant, 0.0), b.age)
         for key in self._seen - set(counts):
+            if key[0] in report.unreachable:
+                continue  # unknown: keep the last value rather than claim 0
             self.in_doubt.labels(*key).set(0)  # keep the series, at 0, once it existed
         for key, n in counts.items():
             self.in_doubt.labels(*key).set(n)

@@ -65,7 +65,7 @@ def network_defaults(dsn: str) -> dict[str, int]:
     """The :data:`NETWORK_DEFAULTS` that ``dsn`` does not set itself."""
     try:
         own = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
+    except (psycopg.ProgrammingError, psycopg.OperationalError):
         return {}  # connecting will report the bad DSN
     return {k: v for k, v in NETWORK_DEFAULTS.items() if k not in own}
 
@@ -77,6 +77,14 @@ def connect(
     kwargs = {**network_defaults(dsn), **kwargs}
     try:
         return psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout)), **kwargs)
+    except psycopg.ProgrammingError:
+        # libpq quotes the offending part of a bad DSN, which may be the
+        # password: never show its text.
+        raise ParticipantUnavailable(
+            f"invalid connection string for {name!r}: {mask(dsn)}; check its syntax "
+            "(in a URL, percent-encode special characters of the password, e.g. % as %25)",
+            participant=name,
+        ) from None
     except psycopg.OperationalError as e:
         raise ParticipantUnavailable(
             f"cannot connect to {name!r} at {mask(dsn)}: {redact(str(e)).strip()} "

@@ -52,3 +52,6 @@ def run_main(cli: click.Group) -> None:
         raise
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except Exception as e:  # a bug: one line, never a password, never a traceback
+        click.echo(f"txmgr: unexpected {type(e).__name__}: {redact(str(e))}", err=True)
+        sys.exit(1)

@@ -55,9 +55,10 @@ def _owner_uid(pid: int) -> int:
 def test_server_runs_unprivileged_and_accepts_its_password(custom_server: PgServer) -> None:
     with psycopg.connect(custom_server.dsn()) as conn:
         row = conn.execute("SELECT current_user, pg_backend_pid()").fetchone()
-    assert row is not None
+        assert row is not None
+        # Read while the session is open: its backend exits when it closes.
+        backend_uid = _owner_uid(row[1])
     assert row[0] == "postgres"
-    backend_uid = _owner_uid(row[1])
     if os.geteuid() == 0:
         # PostgreSQL refuses root, so the harness must have switched users.
         assert backend_uid != 0

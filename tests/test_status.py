@@ -183,7 +183,7 @@ def test_duration_forms(text: str, seconds: float) -> None:
     assert Duration().convert(text, None, None) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5x", "m5", "1h 30", "-5"])
+@pytest.mark.parametrize("text", ["", "5x", "m5", "1h 30", "-5", "1.5.5", "1.5s.5"])
 def test_bad_durations_are_usage_errors(
     text: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

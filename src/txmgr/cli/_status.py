@@ -14,8 +14,11 @@ from txmgr.status import StatusReport, inspect
 
 __all__ = ["Duration", "format_age", "status_cmd"]
 
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
+_DURATION = re.compile(rf"({_NUMBER})([smhd])")
+# Either one bare number of seconds, or number+unit parts ("1h30m").
+_WHOLE = re.compile(rf"{_NUMBER}|(?:{_NUMBER}[smhd])+")
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -28,16 +31,12 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
     ) -> float:
         if isinstance(value, int | float):
             return float(value)
-        text = str(value).strip().lower()
-        pos, total = 0, 0.0
-        for m in _DURATION.finditer(text):
-            if m.start() != pos:
-                break
-            total += float(m[1]) * _UNITS[m[2]]
-            pos = m.end()
-        if not text or pos != len(text):
+        text = str(value).strip().lower().replace(" ", "")
+        if not _WHOLE.fullmatch(text):
             self.fail(f"{value!r} is not a duration: write 300, 90s, 5m, 1h or 1h30m", param, ctx)
-        return total
+        if not text[-1].isalpha():
+            return float(text)
+        return sum(float(m[1]) * _UNITS[m[2]] for m in _DURATION.finditer(text))
 
 
 def format_age(seconds: float) -> str:

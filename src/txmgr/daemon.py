@@ -133,7 +133,9 @@ class Daemon:
     def serve_metrics(self, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
         """Serve /metrics and /healthz (port 0: any free port, see ``.port``)."""
         if self._inspector is None:
-            self._inspector = Inspector(self.config, application_name=self.identity)
+            # Not the lock session's name: that one alone tells which daemon is active.
+            status_name = f"txmgr-status {os.getpid()}@{socket.gethostname()}"[:63]
+            self._inspector = Inspector(self.config, application_name=status_name)
         self._server = MetricsServer(
             self.metrics.registry, self.health, host=host, port=port
         ).start()

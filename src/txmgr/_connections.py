@@ -2,7 +2,10 @@
 
 Recovery passes and status looks run again and again (the daemon): they keep
 one connection per participant and one to the log, open a new one when the
-old one broke, and drop one after an error so the next use reconnects.
+old one broke, and drop one after an error so the next use reconnects. Their
+sessions wait at most :data:`LOCK_TIMEOUT` for a lock (a DDL lock on the log
+tables, a row a hung coordinator holds): the pass reports it and the next one
+tries again, instead of the daemon hanging.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from typing import Any
 
 import psycopg
 
+from txmgr._dsn import session_options
 from txmgr.participant import connect
 
-__all__ = ["LOG_KEY", "ConnectionCache"]
+__all__ = ["LOCK_TIMEOUT", "LOG_KEY", "ConnectionCache"]
 
 LOG_KEY = "\0log"  # cannot clash with a participant name
+LOCK_TIMEOUT = "10s"
 
 
 class ConnectionCache:
@@ -33,7 +38,12 @@ class ConnectionCache:
             return conn
         extra = {"application_name": self._application_name} if self._application_name else {}
         conn = connect(
-            dsn, name or key, connect_timeout=self._connect_timeout, autocommit=True, **extra
+            dsn,
+            name or key,
+            connect_timeout=self._connect_timeout,
+            autocommit=True,
+            options=session_options(dsn, {"lock_timeout": LOCK_TIMEOUT}),
+            **extra,
         )
         self._conns[key] = conn
         return conn

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from txmgr._dsn import mask
+from txmgr._dsn import mask, session_options
 from txmgr.errors import LogSchemaError
 
 __all__ = [
@@ -155,10 +155,11 @@ def decision_query(
 def log_session_options(dsn: str, idle_timeout: float) -> str:
     """libpq ``options`` for a dedicated log connection: the settings every decision
     needs, for the whole session (it runs nothing else), after the DSN's own."""
-    own = psycopg.conninfo.conninfo_to_dict(dsn).get("options") or ""
     timeout_ms = max(1, int(idle_timeout * 1000))
-    ours = f"-c synchronous_commit=on -c idle_in_transaction_session_timeout={timeout_ms}"
-    return f"{own} {ours}".strip()
+    return session_options(
+        dsn,
+        {"synchronous_commit": "on", "idle_in_transaction_session_timeout": str(timeout_ms)},
+    )
 
 
 def open_decision(

@@ -167,18 +167,20 @@ class Transaction:
             )
 
     def _open_branch(self, participant: Participant) -> BranchConnection:
-        # Start the transaction now, so that conn.transaction() inside the
-        # branch makes savepoints instead of committing by itself. A pooled
-        # connection whose server restarted fails here: retry on a fresh one.
+        # Pooled connections are in autocommit mode: open the branch's
+        # transaction block now (conn.transaction() inside it then makes
+        # savepoints), with the marker the vote checks, in one round trip. A
+        # pooled connection whose server restarted fails here: retry once.
+        begin = sql.SQL("BEGIN; SELECT set_config('txmgr.txid', {}, true)").format(
+            sql.Literal(self.txid)
+        )
         for attempt in (1, 2):
             conn = participant.checkout()
             try:
-                # BEGIN and the marker in one round trip (simple protocol).
-                psycopg.ClientCursor(conn).execute(
-                    sql.SQL("BEGIN; SELECT set_config('txmgr.txid', {}, true)").format(
-                        sql.Literal(self.txid)
-                    )
-                )
+                job = Job(conn, begin.as_bytes(conn))
+                run_all([job])
+                if job.error is not None:
+                    raise job.error
             except BaseException as e:
                 participant.release(conn)
                 if not isinstance(e, psycopg.OperationalError):

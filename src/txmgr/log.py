@@ -50,6 +50,7 @@ __all__ = [
     "delete_decisions",
     "log_session_options",
     "open_decision",
+    "read_decisions",
     "read_logid",
     "xact_status",
 ]
@@ -245,6 +246,21 @@ def committed_txids(conn: psycopg.Connection[Any], txids: Iterable[str]) -> set[
     ).fetchall()
     _reset(conn)
     return {r[0] for r in rows}
+
+
+def read_decisions(
+    conn: psycopg.Connection[Any], decisions: Iterable[tuple[int, str]]
+) -> tuple[dict[int, XactStatus], set[str]]:
+    """The log's verdict on ``(lxid, txid)`` pairs: (status of each lxid, committed txids).
+
+    The rule recovery, ``txmgr status`` and ``txmgr resolve`` share: an lxid
+    "in progress" means wait; for the others the decision row, read in a
+    statement after the status (``conn`` must be in autocommit mode), decides.
+    """
+    pairs = list(decisions)
+    statuses = xact_status(conn, [lxid for lxid, _ in pairs])
+    over = [txid for lxid, txid in pairs if statuses.get(lxid) != "in progress"]
+    return statuses, committed_txids(conn, over)
 
 
 def decision_rows(conn: psycopg.Connection[Any]) -> list[DecisionRow]:

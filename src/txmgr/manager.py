@@ -177,7 +177,7 @@ class TransactionManager:
                         self.config.log_dsn,
                         min_size=self.config.pool_min_size,
                         max_size=self.config.pool_max_size,
-                        # autocommit: open_decision sends its own BEGIN in the
+                        # autocommit: the decision query sends its own BEGIN in the
                         # same round trip as the decision row.
                         kwargs={
                             **network_defaults(self.config.log_dsn),

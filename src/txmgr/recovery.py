@@ -156,9 +156,9 @@ class Recoverer:
         gids = {b.gid: Gid.parse(b.gid) for branches in listed.values() for b in branches}
         ours = [g for g in gids.values() if g is not None]
         try:
-            statuses = decision_log.xact_status(lconn, [g.lxid for g in ours])
-            over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
-            committed = decision_log.committed_txids(lconn, over)
+            statuses, committed = decision_log.read_decisions(
+                lconn, [(g.lxid, g.txid) for g in ours]
+            )
         except psycopg.Error as e:
             self._drop(LOG_KEY)
             report.log_reachable = False

@@ -212,9 +212,9 @@ def _log_decision(config: Config, gid: str) -> tuple[Decision, str, psycopg.Conn
         committed: set[str] = set()
         parsed = Gid.parse(gid)
         if parsed is not None and parsed.logid == logid:
-            statuses = decision_log.xact_status(lconn, [parsed.lxid])
-            if statuses.get(parsed.lxid) != "in progress":  # then the row decides
-                committed = decision_log.committed_txids(lconn, [parsed.txid])
+            statuses, committed = decision_log.read_decisions(
+                lconn, [(parsed.lxid, parsed.txid)]
+            )
         decision, _txid, detail = classify(gid, logid, statuses, committed)
     except psycopg.Error as e:
         lconn.close()

@@ -160,14 +160,10 @@ class BranchStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingDecision:
+class PendingDecision(decision_log.DecisionRow):
     """A decision row not cleaned up yet (some branch may still be prepared)."""
 
-    txid: str
-    lxid: int
-    participants: tuple[str, ...]
-    created_at: datetime
-    age: float
+    age: float  # seconds since the decision was made
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -331,10 +327,7 @@ class Inspector:
             return {}, set()
         ours = [g for g in map(Gid.parse, gids) if g is not None and g.logid == report.logid]
         try:
-            statuses = decision_log.xact_status(lconn, [g.lxid for g in ours])
-            # A later statement than xact_status: rows of decisions seen finished.
-            over = [g.txid for g in ours if statuses.get(g.lxid) != "in progress"]
-            return statuses, decision_log.committed_txids(lconn, over)
+            return decision_log.read_decisions(lconn, [(g.lxid, g.txid) for g in ours])
         except psycopg.Error as e:
             self._drop(LOG_KEY)
             report.log_error = redact(str(e))

@@ -438,10 +438,10 @@ class Transaction:
         while True:
             try:
                 with self._tm.confirm_connection() as conn:
-                    status = decision_log.xact_status(conn, [lxid]).get(lxid)
-                    if status != "in progress":
-                        # L is over; its row, read in a later statement, says how.
-                        if self.txid in decision_log.committed_txids(conn, [self.txid]):
+                    statuses, committed = decision_log.read_decisions(conn, [(lxid, self.txid)])
+                    status = statuses.get(lxid)
+                    if status != "in progress":  # L is over, and its row says how
+                        if self.txid in committed:
                             return "committed"
                         if status in ("aborted", "future"):
                             return "aborted"
@@ -570,10 +570,20 @@ class _Decision:
             self.conn = self._tm.log_connection(wait=False)
         except ParticipantUnavailable:
             return None
+        return self._job(participants)
+
+    def _job(self, participants: list[str]) -> Job:
+        assert self.conn is not None
         self.forget = self._tm.take_forget()
         query = decision_log.decision_query(
-            self._txid, participants, idle_timeout=self._tm.config.log_idle_timeout,
-            forget=self.forget, begin=True, session_settings=True,
+            self._txid,
+            participants,
+            idle_timeout=self._tm.config.log_idle_timeout,
+            forget=self.forget,
+            # A dedicated log connection is idle and carries the settings for
+            # its whole session; the log participant's branch is mid-transaction.
+            begin=self.conn.info.transaction_status == TransactionStatus.IDLE,
+            session_settings=self._owned,
         )
         return Job(self.conn, query.as_bytes(self.conn))
 
@@ -592,27 +602,20 @@ class _Decision:
         """Open ``L`` now, unless it already is; a failure is kept in ``error``."""
         if self.lxid or self.error is not None:
             return
-        for attempt in (1, 2):
+        for attempt in (1, 2):  # a stale pooled connection is replaced once
             try:
                 if self.conn is None:
                     self.conn = self._tm.log_connection()
-                self.forget = self._tm.take_forget()
-                self.lxid = decision_log.open_decision(
-                    self.conn,
-                    self._txid,
-                    participants,
-                    idle_timeout=self._tm.config.log_idle_timeout,
-                    forget=self.forget,
-                )
-                return
-            except psycopg.OperationalError as e:
-                if not self._owned or attempt == 2:
-                    self.error = e
-                    return
-                self._discard_connection()  # stale pooled connection: once more
             except Exception as e:
                 self.error = e
                 return
+            job = self._job(participants)
+            run_all([job])
+            self.opened(job)
+            if self.lxid or self.error is not None:
+                return
+            if attempt == 2:  # stale again: give up
+                self.error = job.error
 
     def _discard_connection(self) -> None:
         self.forget_later()

@@ -114,3 +114,31 @@ def own_server(**settings: Any) -> Any:
         pytest.skip("needs a server of its own with special settings; "
                     "TXMGR_TEST_DSNS asks for existing servers only")
     return PgServer(**settings)
+
+
+class RecoveryLoop:
+    """Recovery passes back to back on a thread while the ``with`` block runs."""
+
+    def __init__(self, config: txmgr.Config) -> None:
+        import threading
+
+        self.config = config
+        self.reports: list[txmgr.RecoveryReport] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        recoverer = txmgr.Recoverer(self.config)
+        try:
+            while not self._stop.is_set():
+                self.reports.append(recoverer.run_pass())
+        finally:
+            recoverer.close()
+
+    def __enter__(self) -> RecoveryLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import txmgr
-from support import START, Bank, MakeBank, own_server, query, transfer
+from support import START, Bank, MakeBank, RecoveryLoop, own_server, query, transfer
 from txmgr.hooks import Hooks
 from txmgr.testing import PgServer
 
@@ -142,17 +142,7 @@ def test_recovery_never_touches_a_transaction_in_flight(bank: Bank) -> None:
 
 def test_recovery_racing_many_live_commits(bank: Bank) -> None:
     tm = bank.manager(pool_max_size=4)
-    stop = threading.Event()
     errors: list[BaseException] = []
-    reports: list[txmgr.RecoveryReport] = []
-
-    def recover_loop() -> None:
-        recoverer = txmgr.Recoverer(bank.config())
-        try:
-            while not stop.is_set():
-                reports.append(recoverer.run_pass())
-        finally:
-            recoverer.close()
 
     def work(i: int) -> None:
         try:
@@ -165,15 +155,13 @@ def test_recovery_racing_many_live_commits(bank: Bank) -> None:
         except BaseException as e:
             errors.append(e)
 
-    r = threading.Thread(target=recover_loop)
-    r.start()
-    workers = [threading.Thread(target=work, args=(i,)) for i in (1, 2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    stop.set()
-    r.join()
+    with RecoveryLoop(bank.config()) as loop:
+        workers = [threading.Thread(target=work, args=(i,)) for i in (1, 2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    reports = loop.reports
     assert errors == []
     assert reports, "recovery never ran"
     # Recovery may finish a branch whose decision is already committed (racing

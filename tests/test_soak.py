@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import txmgr
-from support import Bank, MakeBank
+from support import Bank, MakeBank, RecoveryLoop
 from txmgr.testing.killed_coordinator import KILL_POINTS
 
 pytestmark = pytest.mark.soak
@@ -29,17 +29,7 @@ def test_bank_survives_killed_coordinators(make_bank: MakeBank, log: str) -> Non
     bank: Bank = make_bank(("a", "b", "c"), log=log)
     rng = random.Random(20261126)
     tm = bank.manager(pool_max_size=4)
-    stop = threading.Event()
     errors: list[BaseException] = []
-    reports: list[txmgr.RecoveryReport] = []
-
-    def recover_loop() -> None:
-        recoverer = txmgr.Recoverer(bank.config())
-        try:
-            while not stop.is_set():
-                reports.append(recoverer.run_pass())
-        finally:
-            recoverer.close()
 
     def live(seed: int) -> None:
         r = random.Random(seed)
@@ -63,23 +53,23 @@ def test_bank_survives_killed_coordinators(make_bank: MakeBank, log: str) -> Non
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=recover_loop)]
-    threads += [threading.Thread(target=live, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        for i in range(KILLED):
-            src, dst = rng.sample(["a", "b", "c"], 2)
-            amount = rng.randint(1, 100)
-            bank.kill_coordinator(rng.choice(KILL_POINTS), {
-                src: [f"UPDATE accounts SET balance = balance - {amount} WHERE id = {1 + i % 2}"],
-                dst: [f"UPDATE accounts SET balance = balance + {amount} WHERE id = {1 + i % 2}"],
-            })
-    finally:
-        for t in threads[1:]:
-            t.join()
-        stop.set()
-        threads[0].join()
+    with RecoveryLoop(bank.config()) as loop:
+        threads = [threading.Thread(target=live, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(KILLED):
+                src, dst = rng.sample(["a", "b", "c"], 2)
+                amount = rng.randint(1, 100)
+                account = 1 + i % 2
+                bank.kill_coordinator(rng.choice(KILL_POINTS), {
+                    src: [f"UPDATE accounts SET balance = balance - {amount} WHERE id = {account}"],
+                    dst: [f"UPDATE accounts SET balance = balance + {amount} WHERE id = {account}"],
+                })
+        finally:
+            for t in threads:
+                t.join()
+    reports = loop.reports
     assert errors == []
     final = txmgr.recover(bank.config())
     assert final.ok and final.in_progress == 0, final.errors

@@ -86,6 +86,21 @@ class Bank:
         assert line[0] == "TXID", proc.stdout
         return line[1]
 
+    def crash_at(self, failpoint: str, statements: dict[str, list[str]]) -> str:
+        """Run a coordinator subprocess that a ``crash`` failpoint ends; its txid."""
+        from txmgr.failpoints import CRASH_EXIT
+
+        spec = {"participants": self.dsns, "log": self.log, "statements": statements,
+                "failpoint": failpoint}
+        proc = subprocess.run(
+            [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
+        line = proc.stdout.split()
+        assert line[0] == "TXID", proc.stdout
+        return line[1]
+
     def close(self) -> None:
         for tm in self.managers:
             tm.close()

@@ -8,7 +8,8 @@ a real network it is as parallel as threads.
 
 Queries use the simple protocol (psycopg composes and quotes every value
 beforehand), so a query may hold several statements; a job keeps the rows of
-its last result that had rows, or the first error.
+its last result that had rows, the command tag of its last result, or the
+first error.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QU
 class Job:
     """One query for one connection, and what came of it."""
 
-    __slots__ = ("before", "conn", "error", "query", "rows")
+    __slots__ = ("before", "conn", "error", "query", "rows", "tag")
 
     def __init__(
         self,
@@ -42,6 +43,9 @@ class Job:
         self.before = before  # called just before sending; an exception fails the job
         self.rows: list[tuple[str | None, ...]] | None = None  # text values of the last rows
         self.error: BaseException | None = None
+        # The command tag of the last result: PostgreSQL answers PREPARE or
+        # COMMIT of an already failed transaction with "ROLLBACK", not an error.
+        self.tag: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.query[:40]!r} rows={self.rows} error={self.error!r}>"
@@ -85,6 +89,7 @@ def _collect(job: Job) -> bool:
             res = pg.get_result()
             if res is None:
                 return True
+            job.tag = res.command_status
             if res.status not in _OK:
                 if job.error is None:
                     job.error = psycopg.errors.error_from_result(res, encoding=encoding)

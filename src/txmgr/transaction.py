@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from txmgr import failpoints
 from txmgr import log as decision_log
 from txmgr._branch import BranchConnection
 from txmgr._gid import Gid, new_txid
@@ -201,6 +202,10 @@ class Transaction:
         for b in branches:
             b.conn._txmgr_branch = None  # txmgr drives the connections from now on
         self._check_usable(branches)
+        try:
+            failpoints.fire("before_vote")
+        except Exception as e:
+            self._abort(f"failpoint before_vote: {e}", e)
         # With a dedicated log and two or more branches, open the decision in
         # the same round trip as the votes: it is on the critical path otherwise.
         # If at most one branch wrote, it is rolled back unused.
@@ -297,12 +302,24 @@ class Transaction:
     ) -> None:
         """Commit the only writer, then end the read-only branches (committed, so that
         what they did — a NOTIFY — happens only if the writer committed)."""
+        try:
+            failpoints.fire("before_one_phase")
+        except Exception as fp_error:
+            if decision is not None:
+                decision.cancel()
+            self._abort(f"failpoint before_one_phase: {fp_error}", fp_error)
         jobs = []
         if decision is not None and decision.conn is not None:
             jobs.append(Job(decision.conn, b"ROLLBACK"))  # L was not needed
             decision.forget_later()
         commit = Job(writer.conn, b"COMMIT") if writer is not None else None
         run_all([*jobs, commit] if commit is not None else jobs)
+        if commit is not None and commit.error is None and commit.tag != b"COMMIT":
+            commit.error = TransactionAborted(
+                f"participant {writer.name if writer else '?'!r}: its transaction had already "
+                f"failed, so COMMIT rolled it back (server answered {commit.tag!r})",
+                txid=self.txid,
+            )
         if commit is not None and commit.error is not None:
             assert writer is not None
             e = commit.error
@@ -340,9 +357,21 @@ class Transaction:
         logid = tm.logid()
         for b in to_prepare:
             b.gid = str(Gid(logid, self.txid, lxid, b.name))
+        try:
+            failpoints.fire("before_prepare")
+        except Exception as e:
+            decision.cancel()
+            self._abort(f"failpoint before_prepare: {e}", e)
         jobs = [Job(b.conn, _command("PREPARE TRANSACTION {}", b)) for b in to_prepare]
         run_all(jobs)
         for b, job in zip(to_prepare, jobs, strict=True):
+            if job.error is None and job.tag != b"PREPARE TRANSACTION":
+                # The branch's transaction had failed: PREPARE rolled it back.
+                job.error = TransactionAborted(
+                    f"participant {b.name!r}: its transaction had already failed, so "
+                    f"PREPARE TRANSACTION rolled it back (server answered {job.tag!r})",
+                    txid=self.txid,
+                )
             # A lost connection may have prepared the branch or not: if it did,
             # the decision (aborted below) makes recovery roll it back.
             b.prepared = job.error is None
@@ -351,6 +380,7 @@ class Transaction:
             for b in to_prepare:
                 assert b.gid is not None
                 try:
+                    failpoints.fire("after_prepare")
                     tm.hooks.after_prepare(self.txid, b.name, b.gid)
                 except Exception as e:
                     failed.append((b, e))
@@ -359,15 +389,17 @@ class Transaction:
             b, err = failed[0]
             self._abort(f"participant {b.name!r} could not prepare (voted no): {err}", err)
         try:
+            failpoints.fire("before_decision")
             tm.hooks.before_decision(self.txid, lxid)
         except Exception as e:
             decision.cancel()
             self._abort(f"the before_decision hook failed: {e}", e)
         self._decide(decision, to_prepare)
-        _quiet_hook(tm.hooks.after_decision, self.txid, lxid)
+        _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
 
         def before(b: _Branch) -> None:
             assert b.gid is not None
+            failpoints.fire("before_commit_prepared")
             tm.hooks.before_commit_prepared(self.txid, b.name, b.gid)
 
         jobs = [
@@ -382,7 +414,7 @@ class Transaction:
             # another session holds it right now, so the decision row must stay.
             if job.error is None or isinstance(job.error, psycopg.errors.UndefinedObject):
                 b.prepared = False
-                _quiet_hook(tm.hooks.after_commit_prepared, self.txid, b.name, b.gid)
+                _quiet_hook(_after_commit_prepared, tm.hooks, self.txid, b.name, b.gid)
             else:
                 pending.append(b)
                 logger.warning(
@@ -392,6 +424,7 @@ class Transaction:
         if pending:
             self._state = TransactionState.COMMITTED_PENDING
         else:
+            _quiet_hook(failpoints.fire, "before_cleanup")
             tm.forget([self.txid])
             self._state = TransactionState.COMMITTED
 
@@ -399,17 +432,19 @@ class Transaction:
         """Commit the decision transaction; settle a lost reply by asking the log."""
         conn = decision.conn
         assert conn is not None
-        try:
-            conn.commit()
+        job = Job(conn, b"COMMIT")
+        run_all([job])
+        if job.error is None and job.tag == b"COMMIT":
             return
-        except psycopg.Error as e:
-            error: BaseException = e
-            if isinstance(e, psycopg.OperationalError) or conn.closed or conn.broken:
-                # The COMMIT may or may not have happened (connection lost, the
-                # server ended an idle session or failed). The log knows.
-                outcome = self._confirm(decision.lxid, prepared)
-            else:  # the server refused the COMMIT (e.g. a deferred constraint): L rolled back
-                outcome = "aborted"
+        error: BaseException = job.error or TransactionAborted(
+            f"the decision transaction had failed: COMMIT answered {job.tag!r}", txid=self.txid
+        )
+        if isinstance(error, psycopg.OperationalError) or conn.closed or conn.broken:
+            # The COMMIT may or may not have happened (connection lost, the
+            # server ended an idle session or failed). The log knows.
+            outcome = self._confirm(decision.lxid, prepared)
+        else:  # the server refused the COMMIT (e.g. a deferred constraint): L rolled back
+            outcome = "aborted"
         if outcome == "committed":
             return
         decision.forget_later()
@@ -517,6 +552,16 @@ def _quiet_hook(hook: Callable[..., None], *args: object) -> None:
         hook(*args)
     except Exception as e:
         logger.warning("hook %s failed after the decision: %s", hook.__name__, e)
+
+
+def _after_decision(hooks: Hooks, txid: str, lxid: int) -> None:
+    failpoints.fire("after_decision")
+    hooks.after_decision(txid, lxid)
+
+
+def _after_commit_prepared(hooks: Hooks, txid: str, participant: str, gid: str) -> None:
+    failpoints.fire("after_commit_prepared")
+    hooks.after_commit_prepared(txid, participant, gid)
 
 
 def _any_prepared(branches: list[_Branch]) -> bool | None:

@@ -17,6 +17,10 @@ participant's branch) and ``kill_at``, one of:
 - ``after_commit_prepared``: after exactly one branch is committed (the kill
   falls between COMMIT PREPAREDs).
 
+Instead of ``kill_at``, ``failpoint`` names a point of :mod:`txmgr.failpoints`
+where the process ends with ``os._exit`` (exit status
+:data:`txmgr.failpoints.CRASH_EXIT`).
+
 It prints ``TXID <txid>`` before committing, so the caller knows which
 transaction to look for. If it survives (bad ``kill_at``), it exits 3.
 """
@@ -29,6 +33,7 @@ import signal
 import sys
 from typing import Any
 
+from txmgr import failpoints
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
 
@@ -114,7 +119,11 @@ def _wait_until_gone(dsn: str, gid: str, timeout: float = 30.0) -> None:
 
 
 def run(spec: dict[str, Any]) -> None:
-    hooks = KillingHooks(spec["kill_at"], spec["participants"])
+    hooks: Hooks | None = None
+    if "failpoint" in spec:
+        failpoints.enable(spec["failpoint"], "crash")
+    else:
+        hooks = KillingHooks(spec["kill_at"], spec["participants"])
     tm = TransactionManager(spec["participants"], spec["log"], pool_min_size=0, hooks=hooks)
     with tm.transaction() as tx:
         print(f"TXID {tx.txid}", flush=True)

@@ -13,8 +13,16 @@ a recovery that finishes whatever a crash leaves prepared::
         tx.connection("orders").execute("INSERT …")
         tx.connection("billing").execute("UPDATE …")
     tm.close()
+
+With asyncio, ``AsyncTransactionManager`` takes the same arguments::
+
+    async with txmgr.AsyncTransactionManager(participants, log) as tm:
+        async with tm.transaction() as tx:
+            await (await tx.connection("orders")).execute("INSERT …")
 """
 
+from txmgr._aio_manager import AsyncTransactionManager
+from txmgr._aio_transaction import AsyncTransaction
 from txmgr._migrate import migrate
 from txmgr.config import Config
 from txmgr.errors import (
@@ -26,10 +34,12 @@ from txmgr.errors import (
     ManualTransactionControl,
     OutcomeUnknown,
     ParticipantError,
+    ParticipantReadOnly,
     ParticipantUnavailable,
     PreparedTransactionsDisabled,
     ResolveError,
     ResolveRefused,
+    RoleChangeInBranch,
     TransactionAborted,
     TransactionStateError,
     TxmgrError,
@@ -45,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmbiguousBranch",
+    "AsyncTransaction",
+    "AsyncTransactionManager",
     "BranchNotFound",
     "Config",
     "ConfigError",
@@ -54,6 +66,7 @@ __all__ = [
     "ManualTransactionControl",
     "OutcomeUnknown",
     "ParticipantError",
+    "ParticipantReadOnly",
     "ParticipantUnavailable",
     "PreparedTransactionsDisabled",
     "Recoverer",
@@ -61,6 +74,7 @@ __all__ = [
     "Resolution",
     "ResolveError",
     "ResolveRefused",
+    "RoleChangeInBranch",
     "Transaction",
     "TransactionAborted",
     "TransactionManager",

@@ -8,9 +8,14 @@ import psycopg
 
 __all__ = ["mask", "redact", "session_options"]
 
-# "user:secret@" in a URL, "password=secret" or "password='se cret'" in key/value form.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?P<tail>@)", re.I)
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+# "user:secret@" in a URL, "password=secret" or "password='se cret'" in key/value
+# form (or a URL's query string); "sslpassword" (the client key's) likewise.
+# The URL form runs to the *last* "@" of the word: a password with an unencoded
+# "@" must not leave its tail visible. A quote left open runs to the end.
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*(?P<tail>@)", re.I)
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*(?:'|$)|\S+)", re.I
+)
 _MASK = "****"
 
 

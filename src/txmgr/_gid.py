@@ -77,8 +77,14 @@ class Gid:
         check_participant_name(self.participant)
 
     @classmethod
-    def parse(cls, gid: str) -> Gid | None:
-        """The Gid written as ``gid``, or None when ``gid`` is not one of txmgr's."""
+    def parse(cls, gid: object) -> Gid | None:
+        """The Gid written as ``gid``, or None when ``gid`` is not one of txmgr's.
+
+        Never raises: gids come from pg_prepared_xacts and from the command line,
+        where anybody may have written anything.
+        """
+        if not isinstance(gid, str):
+            return None
         m = _GID.fullmatch(gid)
         if m is None:
             return None

@@ -10,30 +10,48 @@ Queries use the simple protocol (psycopg composes and quotes every value
 beforehand), so a query may hold several statements; a job keeps the rows of
 its last result that had rows, the command tag of its last result, or the
 first error.
+
+Both front ends share everything but the waiting: :func:`run_all` waits with
+a selector (blocking the calling thread), :func:`run_all_async` with the
+event loop's readers (one task, no threads; a selector event loop, as psycopg
+itself needs). Only ``pgconn`` is used, which sync and async psycopg
+connections both have.
 """
 
 from __future__ import annotations
 
+import asyncio
 import selectors
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 
-__all__ = ["Job", "run_all"]
+__all__ = ["AnyConnection", "Job", "literal", "run_all", "run_all_async"]
+
+#: A sync or an async psycopg connection: a job only needs its ``pgconn``.
+AnyConnection: TypeAlias = psycopg.BaseConnection[Any]
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
+
+
+def literal(value: str, conn: AnyConnection) -> bytes:
+    """``value`` quoted by psycopg as an SQL literal for ``conn``, to follow a
+    constant command (``b"PREPARE TRANSACTION " + literal(gid, conn)``): the
+    same bytes as ``sql.SQL("… {}").format(sql.Literal(value))``, in a third of
+    the time, on every step of every commit."""
+    return sql.Literal(value).as_bytes(conn)
 
 
 class Job:
     """One query for one connection, and what came of it."""
 
-    __slots__ = ("before", "conn", "error", "query", "rows", "tag")
+    __slots__ = ("before", "conn", "error", "flushing", "query", "rows", "tag")
 
     def __init__(
         self,
-        conn: psycopg.Connection[Any],
+        conn: AnyConnection,
         query: bytes,
         *,
         before: Callable[[], None] | None = None,
@@ -46,6 +64,9 @@ class Job:
         # The command tag of the last result: PostgreSQL answers PREPARE or
         # COMMIT of an already failed transaction with "ROLLBACK", not an error.
         self.tag: bytes | None = None
+        # Part of the query is still in libpq's output buffer (a query larger
+        # than the socket's send buffer): wait for writability too.
+        self.flushing = False
 
     def __repr__(self) -> str:
         return f"<Job {self.query[:40]!r} rows={self.rows} error={self.error!r}>"
@@ -53,6 +74,67 @@ class Job:
 
 def run_all(jobs: Sequence[Job]) -> None:
     """Send every job's query, then wait for every answer (errors land in ``job.error``)."""
+    pending = _send_all(jobs)
+    if not pending:
+        return
+    with selectors.DefaultSelector() as sel:
+        for fd, job in pending.items():
+            sel.register(fd, _events(job))
+        while pending:
+            for fd, job in list(pending.items()):
+                flushing = job.flushing
+                if _collect(job):
+                    del pending[fd]
+                    sel.unregister(fd)
+                elif job.flushing != flushing:
+                    sel.modify(fd, _events(job))
+            if pending:
+                sel.select()
+
+
+async def run_all_async(jobs: Sequence[Job]) -> None:
+    """:func:`run_all` for the event loop: the task waits, the loop goes on."""
+    pending = _send_all(jobs)
+    for fd, job in list(pending.items()):
+        if _collect(job):  # an answer libpq already holds fires no reader
+            del pending[fd]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def ready(fd: int) -> None:
+        job = pending.get(fd)
+        if job is None or done.done():
+            return
+        try:
+            finished = _collect(job)
+        except Exception as e:  # raised by the await below, as run_all raises it
+            done.set_exception(e)
+            return
+        if finished:
+            del pending[fd]
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+            if not pending and not done.done():
+                done.set_result(None)
+        elif not job.flushing:
+            loop.remove_writer(fd)
+
+    try:
+        for fd, job in pending.items():
+            loop.add_reader(fd, ready, fd)
+            if job.flushing:
+                loop.add_writer(fd, ready, fd)
+        await done
+    finally:  # also when the task is cancelled: the loop must not call back later
+        for fd in pending:
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
+
+def _send_all(jobs: Sequence[Job]) -> dict[int, Job]:
+    """Send each job's query; the jobs waiting for an answer, by socket."""
     pending: dict[int, Job] = {}
     for job in jobs:
         try:
@@ -60,23 +142,18 @@ def run_all(jobs: Sequence[Job]) -> None:
                 job.before()
             if job.conn.closed:
                 raise psycopg.OperationalError("the connection is closed")
-            job.conn.pgconn.send_query(job.query)
+            pg = job.conn.pgconn
+            pg.send_query(job.query)
+            job.flushing = pg.flush() == 1
         except Exception as e:
             job.error = e
             continue
-        pending[job.conn.pgconn.socket] = job
-    if not pending:
-        return
-    with selectors.DefaultSelector() as sel:
-        for fd in pending:
-            sel.register(fd, selectors.EVENT_READ)
-        while pending:
-            for fd, job in list(pending.items()):
-                if _collect(job):
-                    del pending[fd]
-                    sel.unregister(fd)
-            if pending:
-                sel.select()
+        pending[pg.socket] = job
+    return pending
+
+
+def _events(job: Job) -> int:
+    return selectors.EVENT_READ | (selectors.EVENT_WRITE if job.flushing else 0)
 
 
 def _collect(job: Job) -> bool:
@@ -84,6 +161,8 @@ def _collect(job: Job) -> bool:
     pg = job.conn.pgconn
     encoding = job.conn.info.encoding
     try:
+        if job.flushing:
+            job.flushing = pg.flush() == 1
         pg.consume_input()
         while not pg.is_busy():
             res = pg.get_result()

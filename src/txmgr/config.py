@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,14 @@ class Config:
                 f"pool sizes min_size={self.pool_min_size}, max_size={self.pool_max_size}: "
                 "need 0 <= min_size <= max_size and max_size >= 1"
             )
+
+    def __repr__(self) -> str:
+        # The generated repr would show every DSN with its password (in a
+        # traceback's locals, a debug log line, an error report).
+        shown: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["participants"] = {name: mask(dsn) for name, dsn in self.participants.items()}
+        shown["log"] = mask(self.log)
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def log_participant(self) -> str | None:

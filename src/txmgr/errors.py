@@ -12,10 +12,12 @@ The tree::
     ├── ParticipantError             a participant's server cannot be used
     │   ├── ParticipantUnavailable   cannot connect (host down, wrong password, …)
     │   ├── PreparedTransactionsDisabled   max_prepared_transactions = 0
+    │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
     │   └── UnsupportedServer        PostgreSQL older than 13
     ├── LogSchemaError               decision log schema missing or out of date
     ├── TransactionStateError        the API was used in the wrong order
-    │   └── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
+    │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
+    │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
     ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
     └── ResolveError                 `txmgr resolve` did not finish a branch
@@ -35,10 +37,12 @@ __all__ = [
     "ManualTransactionControl",
     "OutcomeUnknown",
     "ParticipantError",
+    "ParticipantReadOnly",
     "ParticipantUnavailable",
     "PreparedTransactionsDisabled",
     "ResolveError",
     "ResolveRefused",
+    "RoleChangeInBranch",
     "TransactionAborted",
     "TransactionStateError",
     "TxmgrError",
@@ -79,6 +83,11 @@ class PreparedTransactionsDisabled(ParticipantError):
     """The server has ``max_prepared_transactions = 0`` and cannot prepare branches."""
 
 
+class ParticipantReadOnly(ParticipantError):
+    """The server cannot write: a hot standby (in recovery), or its sessions start
+    with ``default_transaction_read_only = on``. Point the DSN at the primary."""
+
+
 class UnsupportedServer(ParticipantError):
     """The server is older than PostgreSQL 13 (txmgr needs ``pg_xact_status(xid8)``)."""
 
@@ -95,6 +104,17 @@ class ManualTransactionControl(TransactionStateError):
     """COMMIT, ROLLBACK or PREPARE was issued by hand on a branch connection.
 
     txmgr ends every branch itself; ending one by hand would break atomicity.
+    """
+
+
+class RoleChangeInBranch(TransactionStateError):
+    """``SET ROLE``, ``RESET ROLE``, ``SET SESSION AUTHORIZATION`` (or ``set_config('role',
+    …)``) was issued on a branch connection.
+
+    PostgreSQL lets only the role that prepared a branch, or a superuser, finish
+    it; a branch prepared under another role could be committed neither by the
+    coordinator's session nor by recovery. Connect as that role instead (the
+    user in the participant's DSN).
     """
 
 

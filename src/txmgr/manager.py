@@ -3,38 +3,35 @@
 One manager is shared by every thread of an application; each
 :meth:`TransactionManager.transaction` is independent. Nothing connects
 until it is needed; the first ``transaction()`` checks the decision log's
-schema, the first use of a participant checks its server.
+schema, the first use of a participant checks its server. What it shares
+with :class:`txmgr.AsyncTransactionManager` lives in
+:mod:`txmgr._manager_base`; this module adds blocking pools and locks.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 import psycopg_pool
 
 from txmgr import log as decision_log
-from txmgr._dsn import mask
+from txmgr._manager_base import FORGET_BATCH, ManagerBase
 from txmgr.config import Config
-from txmgr.errors import ParticipantUnavailable, TransactionStateError, UnknownParticipant
+from txmgr.errors import ParticipantUnavailable
 from txmgr.hooks import Hooks
-from txmgr.participant import Participant, check_server, connect, network_defaults
+from txmgr.participant import Participant
 from txmgr.transaction import Transaction
 
-__all__ = ["TransactionManager"]
+__all__ = ["FORGET_BATCH", "TransactionManager"]
 
 logger = logging.getLogger("txmgr")
 
-#: Finished decision rows are deleted by the next decision transaction; past
-#: this many waiting, they are deleted at once so the list stays bounded.
-FORGET_BATCH = 512
 
-
-class TransactionManager:
+class TransactionManager(ManagerBase[Participant]):
     """Runs global transactions over the configured participants.
 
     >>> tm = TransactionManager({"orders": dsn1, "billing": dsn2}, log=log_dsn)
@@ -42,73 +39,31 @@ class TransactionManager:
     ...     tx.connection("orders").execute("INSERT …")
     ...     tx.connection("billing").execute("UPDATE …")
     >>> tm.close()
+
+    Options: ``log_idle_timeout`` (seconds), ``pool_min_size``,
+    ``pool_max_size``, ``connect_timeout`` (seconds), ``hooks`` (a
+    :class:`txmgr.Hooks`); :meth:`from_config` reads them from a file.
     """
 
-    def __init__(
-        self,
-        participants: Mapping[str, str],
-        log: str,
-        *,
-        log_idle_timeout: float = 60.0,
-        pool_min_size: int = 1,
-        pool_max_size: int = 10,
-        connect_timeout: float = 10.0,
-        hooks: Hooks | None = None,
-    ) -> None:
-        config = Config(
-            participants=dict(participants),
-            log=log,
-            log_idle_timeout=log_idle_timeout,
-            pool_min_size=pool_min_size,
-            pool_max_size=pool_max_size,
-            connect_timeout=connect_timeout,
-        )
-        self._init(config, hooks)
-
-    @classmethod
-    def from_config(
-        cls, path: str | os.PathLike[str] | Config, *, hooks: Hooks | None = None
-    ) -> TransactionManager:
-        """A manager from a TOML file (see :mod:`txmgr.config`) or a :class:`Config`."""
-        config = path if isinstance(path, Config) else Config.from_file(path)
-        self = cls.__new__(cls)
-        self._init(config, hooks)
-        return self
-
     def _init(self, config: Config, hooks: Hooks | None) -> None:
-        self.config = config
-        self.hooks = hooks or Hooks()
-        self._participants = {
-            name: Participant(
-                name,
-                dsn,
-                min_size=config.pool_min_size,
-                max_size=config.pool_max_size,
-                connect_timeout=config.connect_timeout,
-            )
-            for name, dsn in config.participants.items()
-        }
+        super()._init(config, hooks)
         self._lock = threading.Lock()
         self._log_pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
-        self._logid: str | None = None  # read (and schema checked) on first transaction()
-        self._forget: list[str] = []  # txids whose branches are all committed
-        self._forget_lock = threading.Lock()
-        self._closed = False
 
-    def __repr__(self) -> str:
-        return (
-            f"TransactionManager(participants={sorted(self._participants)}, "
-            f"log={mask(self.config.log)!r})"
+    def _new_participant(self, name: str, dsn: str) -> Participant:
+        return Participant(
+            name,
+            dsn,
+            min_size=self.config.pool_min_size,
+            max_size=self.config.pool_max_size,
+            connect_timeout=self.config.connect_timeout,
         )
 
     # -- public API ---------------------------------------------------------
 
     def transaction(self) -> Transaction:
         """A new global transaction; use it as a context manager."""
-        if self._closed:
-            raise TransactionStateError(
-                "'transaction()' on a closed TransactionManager: create a new one"
-            )
+        self._require_open("transaction()")
         self.logid()  # fail before any work when the log is unusable
         return Transaction(self)
 
@@ -150,19 +105,6 @@ class TransactionManager:
 
     # -- used by Transaction ------------------------------------------------
 
-    def participant(self, name: str) -> Participant:
-        try:
-            return self._participants[name]
-        except KeyError:
-            raise UnknownParticipant(
-                f"unknown participant {name!r}: configured participants are "
-                f"{sorted(self._participants)}; add it to [participants] (or participants=)"
-            ) from None
-
-    @property
-    def log_participant(self) -> str | None:
-        return self.config.log_participant
-
     def log_connection(self, *, wait: bool = True) -> psycopg.Connection[Any]:
         """A connection to the dedicated log database (for the decision transaction).
 
@@ -174,55 +116,22 @@ class TransactionManager:
             with self._lock:
                 if self._log_pool is None:
                     self._log_pool = psycopg_pool.ConnectionPool(
-                        self.config.log_dsn,
-                        min_size=self.config.pool_min_size,
-                        max_size=self.config.pool_max_size,
-                        # autocommit: the decision query sends its own BEGIN in the
-                        # same round trip as the decision row.
-                        kwargs={
-                            **network_defaults(self.config.log_dsn),
-                            "connect_timeout": max(1, round(self.config.connect_timeout)),
-                            "autocommit": True,
-                            "options": decision_log.log_session_options(
-                                self.config.log_dsn, self.config.log_idle_timeout
-                            ),
-                        },
-                        name="txmgr-log",
-                        open=True,
+                        self.config.log_dsn, open=True, **self._log_pool_options()
                     )
                 pool = self._log_pool
         try:
             return pool.getconn(timeout=self.config.connect_timeout if wait else 0.001)
         except psycopg_pool.PoolTimeout as e:
-            raise ParticipantUnavailable(
-                f"no connection to the decision log at {mask(self.config.log_dsn)} within "
-                f"{self.config.connect_timeout:g}s",
-                participant="log",
-            ) from e
+            raise ParticipantUnavailable(self._log_unavailable(), participant="log") from e
 
     def release_log_connection(self, conn: psycopg.Connection[Any]) -> None:
+        """Give a connection of :meth:`log_connection` back to its pool."""
         assert self._log_pool is not None
         self._log_pool.putconn(conn)
 
-    def confirm_connection(self) -> psycopg.Connection[Any]:
-        """A fresh autocommit connection to the log, to learn a decision's fate."""
-        return connect(
-            self.config.log_dsn, "log", connect_timeout=self.config.connect_timeout,
-            autocommit=True,
-        )
-
-    def take_forget(self) -> list[str]:
-        """Finished txids to delete inside the next decision transaction."""
-        with self._forget_lock:
-            batch, self._forget = self._forget, []
-        return batch
-
     def forget(self, txids: Iterable[str]) -> None:
         """Mark decision rows as finished (deleted by the next decision, or now if many)."""
-        with self._forget_lock:
-            self._forget.extend(txids)
-            flush = len(self._forget) >= FORGET_BATCH
-        if flush:
+        if self._queue_forget(txids):
             try:
                 self._flush_forget()
             except Exception as e:
@@ -242,23 +151,7 @@ class TransactionManager:
                 finally:
                     self.release_log_connection(conn)
             else:
-                with connect(self.config.log_dsn, self.log_participant) as c:
-                    decision_log.delete_decisions(c, batch)
+                self._delete_decisions(batch)
         except BaseException:
             self.forget_later(batch)
             raise
-
-    def forget_later(self, txids: list[str]) -> None:
-        with self._forget_lock:
-            self._forget[:0] = txids
-
-    def _read_logid(self) -> str:
-        name = self.log_participant or "log"
-        with connect(
-            self.config.log_dsn, name, connect_timeout=self.config.connect_timeout
-        ) as conn:
-            # A dedicated log needs no prepared transactions; a participant does
-            # and is checked when first used.
-            check_server(conn, name, needs_prepare=False)
-            return decision_log.read_logid(conn, self.config.log_dsn)
-

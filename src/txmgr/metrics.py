@@ -25,17 +25,24 @@ Metric names (all prefixed ``txmgr_``):
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-
+from txmgr.errors import ConfigError
 from txmgr.status import StatusReport
 
-__all__ = ["DaemonMetrics", "MetricsServer"]
+if TYPE_CHECKING:  # prometheus_client is the optional `metrics` extra
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["METRICS_EXTRA_HINT", "DaemonMetrics", "MetricsServer", "require_prometheus"]
+
+#: How to get the optional dependency, quoted in the error when it is missing.
+METRICS_EXTRA_HINT = "pip install 'txmgr[metrics]'"
 
 #: ``(healthy, text)`` for /healthz.
 HealthCheck = Callable[[], tuple[bool, str]]
@@ -43,65 +50,131 @@ HealthCheck = Callable[[], tuple[bool, str]]
 _PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+def _prometheus_client() -> ModuleType | None:
+    try:
+        return importlib.import_module("prometheus_client")
+    except ImportError:
+        return None
+
+
+def require_prometheus() -> ModuleType:
+    """The ``prometheus_client`` module, or a :class:`ConfigError` saying how to install it."""
+    module = _prometheus_client()
+    if module is None:
+        raise ConfigError(
+            "serving metrics needs the prometheus-client package, which is not installed: "
+            f"{METRICS_EXTRA_HINT} (or run the daemon without --metrics-port / [metrics] port)"
+        )
+    return module
+
+
+class _NullMetric:
+    """Stands in for every metric when prometheus_client is not installed."""
+
+    def labels(self, *values: str) -> _NullMetric:
+        return self
+
+    def set(self, value: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
 class DaemonMetrics:
-    """The daemon's metrics, in a registry of their own."""
+    """The daemon's metrics, in a registry of their own.
+
+    Without the ``metrics`` extra (prometheus_client) every metric is a no-op, so
+    the daemon runs all the same; only serving them (:class:`MetricsServer`, or
+    reading :attr:`registry`) raises :class:`~txmgr.errors.ConfigError`.
+    """
+
+    in_doubt: Gauge
+    oldest: Gauge
+    resolved: Counter
+    passes: Counter
+    pass_duration: Histogram
+    errors: Counter
+    participant_up: Gauge
+    log_up: Gauge
+    decision_rows: Gauge
+    active: Gauge
 
     def __init__(self, participants: Iterable[str], registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
         self.participants = list(participants)
-        r = self.registry
-        self.in_doubt = Gauge(
+        self._seen: set[tuple[str, str]] = set()  # in_doubt label pairs set last time
+        self._registry: CollectorRegistry | None = None
+        # An explicit registry means the caller wants real metrics: insist on the package.
+        prom = _prometheus_client() if registry is None else require_prometheus()
+        if prom is None:
+            null: Any = _NullMetric()
+            self.in_doubt = self.oldest = self.participant_up = null
+            self.log_up = self.decision_rows = self.active = null
+            self.resolved = self.passes = self.errors = self.pass_duration = null
+            return
+        r = self._registry = registry if registry is not None else prom.CollectorRegistry()
+        self.in_doubt = prom.Gauge(
             "txmgr_in_doubt_branches",
             "Prepared branches on the participant at the end of the last pass, by the log's "
             "decision (commit, abort, in progress, not ours, unknown)",
             ["participant", "decision"],
             registry=r,
         )
-        self.oldest = Gauge(
+        self.oldest = prom.Gauge(
             "txmgr_oldest_in_doubt_seconds",
             "Age of the oldest prepared branch on the participant (0 when none)",
             ["participant"],
             registry=r,
         )
-        self.resolved = Counter(
+        self.resolved = prom.Counter(
             "txmgr_branches_resolved",
             "Prepared branches this daemon finished, by outcome (committed, rolled_back)",
             ["participant", "outcome"],
             registry=r,
         )
-        self.passes = Counter(
+        self.passes = prom.Counter(
             "txmgr_recovery_passes", "Recovery passes run while active", registry=r
         )
-        self.pass_duration = Histogram(
+        self.pass_duration = prom.Histogram(
             "txmgr_recovery_pass_duration_seconds",
             "Duration of recovery passes",
             buckets=_PASS_BUCKETS,
             registry=r,
         )
-        self.errors = Counter(
+        self.errors = prom.Counter(
             "txmgr_recovery_errors",
             "Errors met by the daemon, by source (a participant name, or 'log')",
             ["source"],
             registry=r,
         )
-        self.participant_up = Gauge(
+        self.participant_up = prom.Gauge(
             "txmgr_participant_up",
             "1 when the participant answered the daemon's last look, else 0",
             ["participant"],
             registry=r,
         )
-        self.log_up = Gauge("txmgr_log_up", "1 when the decision log answered", registry=r)
-        self.decision_rows = Gauge(
+        self.log_up = prom.Gauge("txmgr_log_up", "1 when the decision log answered", registry=r)
+        self.decision_rows = prom.Gauge(
             "txmgr_decision_rows", "Decision rows waiting for cleanup", registry=r
         )
-        self.active = Gauge(
+        self.active = prom.Gauge(
             "txmgr_daemon_active", "1 when this daemon holds the recovery lock", registry=r
         )
         for name in self.participants:
             self.oldest.labels(name).set(0)
             for outcome in ("committed", "rolled_back"):
                 self.resolved.labels(name, outcome)  # exported as 0 before the first one
-        self._seen: set[tuple[str, str]] = set()  # in_doubt label pairs set last time
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry holding these metrics; ConfigError without prometheus_client."""
+        if self._registry is None:
+            require_prometheus()  # raises: the package is missing
+        assert self._registry is not None
+        return self._registry
 
     def record_status(self, report: StatusReport) -> None:
         """Set the in-doubt gauges from a fresh :class:`StatusReport`."""
@@ -139,7 +212,7 @@ class MetricsServer:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self._metrics_app = make_wsgi_app(registry)
+        self._metrics_app = require_prometheus().make_wsgi_app(registry)
         self._health = health
         self._server: WSGIServer = make_server(
             host, port, self._app, server_class=_ThreadingServer, handler_class=_QuietHandler
@@ -150,6 +223,7 @@ class MetricsServer:
 
     @property
     def host(self) -> str:
+        """The bound address."""
         return str(self._server.server_address[0])
 
     @property
@@ -158,10 +232,12 @@ class MetricsServer:
         return int(self._server.server_address[1])
 
     def start(self) -> MetricsServer:
+        """Start serving from a daemon thread; returns ``self``."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -26,7 +26,9 @@ from psycopg import sql
 
 from txmgr._branch import BranchConnection
 from txmgr._dsn import mask, redact
+from txmgr._hints import connect_failure_hint
 from txmgr.errors import (
+    ParticipantReadOnly,
     ParticipantUnavailable,
     PreparedTransactionsDisabled,
     UnsupportedServer,
@@ -37,6 +39,7 @@ __all__ = [
     "NETWORK_DEFAULTS",
     "FinishResult",
     "Participant",
+    "ParticipantBase",
     "PreparedBranch",
     "check_server",
     "connect",
@@ -88,7 +91,7 @@ def connect(
     except psycopg.OperationalError as e:
         raise ParticipantUnavailable(
             f"cannot connect to {name!r} at {mask(dsn)}: {redact(str(e)).strip()} "
-            "(check host, port, database name, user and password)",
+            f"({connect_failure_hint(e)})",
             participant=name,
         ) from None
 
@@ -102,18 +105,38 @@ def check_server(conn: psycopg.Connection[Any], name: str, *, needs_prepare: boo
             "PostgreSQL 13 or newer (for pg_current_xact_id and pg_xact_status)",
             participant=name,
         )
-    if needs_prepare:
-        row = conn.execute("SELECT current_setting('max_prepared_transactions')::int").fetchone()
-        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            conn.rollback()
-        if row is None or row[0] <= 0:
-            raise PreparedTransactionsDisabled(
-                f"participant {name!r} has max_prepared_transactions = 0, so it cannot "
-                "prepare transactions: set max_prepared_transactions to at least "
-                "max_connections in its postgresql.conf (ALTER SYSTEM SET "
-                "max_prepared_transactions = 100) and restart that server",
-                participant=name,
-            )
+    # Branches and the decision are writes: a server in recovery (a hot
+    # standby) or sessions that are read-only by default could only fail later,
+    # at the first write or at PREPARE, with a less helpful message.
+    row = conn.execute(
+        "SELECT current_setting('max_prepared_transactions')::int, pg_is_in_recovery(), "
+        "current_setting('transaction_read_only')"
+    ).fetchone()
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.rollback()
+    assert row is not None
+    what = "the decision log" if name == "log" else f"participant {name!r}"
+    if row[1]:
+        raise ParticipantReadOnly(
+            f"{what} is a hot standby (read-only, in recovery): it can neither write nor "
+            "prepare transactions; point its DSN at the primary server",
+            participant=name,
+        )
+    if row[2] == "on":
+        raise ParticipantReadOnly(
+            f"{what} is read-only: its sessions start with default_transaction_read_only "
+            "= on (set in its DSN options, ALTER ROLE/DATABASE … SET, or postgresql.conf); "
+            "txmgr needs to write there: turn it off for this role or database",
+            participant=name,
+        )
+    if needs_prepare and row[0] <= 0:
+        raise PreparedTransactionsDisabled(
+            f"participant {name!r} has max_prepared_transactions = 0, so it cannot "
+            "prepare transactions: set max_prepared_transactions to at least "
+            "max_connections in its postgresql.conf (ALTER SYSTEM SET "
+            "max_prepared_transactions = 100) and restart that server",
+            participant=name,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +176,8 @@ def finish_prepared(conn: psycopg.Connection[Any], gid: str, *, commit: bool) ->
     return "done"
 
 
-class Participant:
-    """A named participant: its DSN, its pool and the server check on first use."""
+class ParticipantBase:
+    """A named participant's settings, and what its sync and async pools share."""
 
     def __init__(
         self,
@@ -170,12 +193,64 @@ class Participant:
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {mask(self.dsn)!r})"
+
+    def check(self) -> None:
+        """Connect once and check the server (blocking; run before opening a pool)."""
+        with connect(self.dsn, self.name, connect_timeout=self._connect_timeout) as c:
+            check_server(c, self.name)
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {
+            "min_size": self._min_size,
+            "max_size": self._max_size,
+            # autocommit: txmgr sends BEGIN itself, together with the branch
+            # marker in one round trip, and COMMIT PREPARED needs no mode
+            # switch. Inside the branch the server is in a transaction block
+            # all the same.
+            "kwargs": {
+                **network_defaults(self.dsn),
+                "connect_timeout": max(1, round(self._connect_timeout)),
+                "autocommit": True,
+            },
+            "name": f"txmgr-{self.name}",
+        }
+
+    def _closed_error(self) -> ParticipantUnavailable:
+        return ParticipantUnavailable(
+            f"participant {self.name!r}: the transaction manager is closed",
+            participant=self.name,
+        )
+
+    def _timeout_error(self) -> ParticipantUnavailable:
+        return ParticipantUnavailable(
+            f"no connection to {self.name!r} at {mask(self.dsn)} within "
+            f"{self._connect_timeout:g}s: the server is down or the pool "
+            f"(max_size={self._max_size}) is exhausted",
+            participant=self.name,
+        )
+
+
+class Participant(ParticipantBase):
+    """A named participant: its DSN, its pool and the server check on first use."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(
+            name, dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout
+        )
         self._lock = threading.Lock()
         self._pool: psycopg_pool.ConnectionPool[BranchConnection] | None = None  # opened lazily
         self._closed = False
-
-    def __repr__(self) -> str:
-        return f"Participant({self.name!r}, {mask(self.dsn)!r})"
 
     def pool(self) -> psycopg_pool.ConnectionPool[BranchConnection]:
         """The pool, opened on first use after checking the server once."""
@@ -184,29 +259,12 @@ class Participant:
             return pool
         with self._lock:
             if self._closed:
-                raise ParticipantUnavailable(
-                    f"participant {self.name!r}: the transaction manager is closed",
-                    participant=self.name,
-                )
+                raise self._closed_error()
             if self._pool is None:
-                with connect(self.dsn, self.name, connect_timeout=self._connect_timeout) as c:
-                    check_server(c, self.name)
+                self.check()
                 self._pool = psycopg_pool.ConnectionPool(
-                    self.dsn,
-                    connection_class=BranchConnection,
-                    min_size=self._min_size,
-                    max_size=self._max_size,
-                    # autocommit: txmgr sends BEGIN itself, together with the
-                    # branch marker in one round trip, and COMMIT PREPARED needs
-                    # no mode switch. Inside the branch the server is in a
-                    # transaction block all the same.
-                    kwargs={
-                        **network_defaults(self.dsn),
-                        "connect_timeout": max(1, round(self._connect_timeout)),
-                        "autocommit": True,
-                    },
-                    name=f"txmgr-{self.name}",
-                    open=True,
+                    self.dsn, connection_class=BranchConnection, open=True,
+                    **self._pool_options(),
                 )
             return self._pool
 
@@ -216,12 +274,7 @@ class Participant:
         try:
             return pool.getconn(timeout=self._connect_timeout)
         except psycopg_pool.PoolTimeout as e:
-            raise ParticipantUnavailable(
-                f"no connection to {self.name!r} at {mask(self.dsn)} within "
-                f"{self._connect_timeout:g}s: the server is down or the pool "
-                f"(max_size={self._max_size}) is exhausted",
-                participant=self.name,
-            ) from e
+            raise self._timeout_error() from e
 
     def release(self, conn: BranchConnection) -> None:
         """Give a connection back; the pool rolls back anything left open."""
@@ -233,6 +286,7 @@ class Participant:
             pool.putconn(conn)
 
     def close(self) -> None:
+        """Close the pool; the participant opens no connection afterwards."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None

@@ -13,6 +13,9 @@ One pass:
    statement: row present → ``COMMIT PREPARED``, absent → ``ROLLBACK PREPARED``.
    (The row, not the xid's status, decides: after a crash of the log server
    an xid that never reached its WAL can be reused by another transaction.)
+   Steps 3 and 4 are two statements for all branches; the COMMIT/ROLLBACK
+   PREPAREDs go to every participant at once, pipelined on each connection
+   (:class:`_Pipeline`), each with its own answer.
 5. Delete decision rows whose branches are gone from every participant.
 
 Every step is idempotent, so concurrent passes, or a pass racing a live
@@ -22,12 +25,15 @@ coordinator, never do harm. No clock and no timeout decides anything.
 from __future__ import annotations
 
 import logging
+import selectors
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
+from psycopg import pq, sql
 
 from txmgr import log as decision_log
 from txmgr._connections import LOG_KEY, ConnectionCache
@@ -35,13 +41,16 @@ from txmgr._dsn import redact
 from txmgr._gid import Gid, log_prefix
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
-from txmgr.participant import PreparedBranch, finish_prepared, list_prepared
+from txmgr.participant import PreparedBranch, list_prepared
 
 __all__ = ["Recoverer", "RecoveryReport", "Resolution", "recover"]
 
 logger = logging.getLogger("txmgr.recovery")
 
 Outcome = Literal["committed", "rolled back", "in progress", "already finished", "busy", "error"]
+
+#: The most COMMIT/ROLLBACK PREPARED statements in flight on one connection.
+PIPELINE_DEPTH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +77,23 @@ class RecoveryReport:
     log_reachable: bool = True
 
     def count(self, outcome: Outcome) -> int:
+        """How many branches this pass left with ``outcome``."""
         return sum(1 for r in self.resolutions if r.outcome == outcome)
 
     @property
     def committed(self) -> int:
+        """Branches this pass committed."""
         return self.count("committed")
 
     @property
     def rolled_back(self) -> int:
+        """Branches this pass rolled back."""
         return self.count("rolled back")
 
     @property
     def in_progress(self) -> int:
+        """Branches left alone: their coordinator is inside the protocol, or another
+        session holds them right now (both are looked at again next pass)."""
         return self.count("in progress") + self.count("busy")
 
     @property
@@ -88,6 +102,7 @@ class RecoveryReport:
         return not self.errors
 
     def summary(self) -> str:
+        """One line of ``key=value`` counts, as ``txmgr recover`` prints it."""
         return (
             f"committed={self.committed} rolled_back={self.rolled_back} "
             f"in_progress={self.in_progress} already_finished={self.count('already finished')} "
@@ -121,6 +136,7 @@ class Recoverer:
         self._conns = ConnectionCache(connect_timeout=config.connect_timeout)
 
     def close(self) -> None:
+        """Close every connection kept between passes."""
         self._conns.close()
 
     def _conn(self, key: str, dsn: str) -> psycopg.Connection[Any]:
@@ -131,9 +147,12 @@ class Recoverer:
         self._conns.drop(key)
 
     def log_connection(self) -> psycopg.Connection[Any]:
+        """The kept connection to the decision log (opened on first use)."""
         return self._conn(LOG_KEY, self.config.log_dsn)
 
     def run_pass(self) -> RecoveryReport:
+        """One recovery pass over every participant; never raises for a server that
+        is down (it is reported in the result)."""
         report = RecoveryReport()
         try:
             lconn = self.log_connection()
@@ -164,54 +183,66 @@ class Recoverer:
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
             return report
-        remaining: set[str] = set()  # txids with a branch still prepared somewhere
+        # Every decidable branch, in listing order; the in-progress ones are left alone.
+        slots: list[Resolution | _Todo] = []
+        todo: dict[str, list[_Todo]] = {}
         for name, branches in listed.items():
             for branch in branches:
                 gid = gids[branch.gid]
                 if gid is None:  # our prefix but not our format: not ours to touch
                     continue
                 if statuses.get(gid.lxid) == "in progress":
-                    res = Resolution(name, branch.gid, gid.txid, "in progress", branch.prepared,
-                                     "its coordinator is inside the commit protocol")
+                    slots.append(Resolution(name, branch.gid, gid.txid, "in progress",
+                                            branch.prepared,
+                                            "its coordinator is inside the commit protocol"))
                 else:
-                    res = self._finish(name, branch, gid, commit=gid.txid in committed)
-                report.resolutions.append(res)
-                if res.outcome == "error":
-                    report.errors.append(f"{name}: {res.gid}: {res.detail}")
-                if res.outcome in ("in progress", "busy", "error"):
-                    remaining.add(gid.txid)
-                elif res.outcome in ("committed", "rolled back") and self._on_resolution:
-                    self._on_resolution(res)
+                    item = _Todo(name, branch, gid, commit=gid.txid in committed)
+                    slots.append(item)
+                    todo.setdefault(name, []).append(item)
+        self._finish_all(todo)
+        remaining: set[str] = set()  # txids with a branch still prepared somewhere
+        for slot in slots:
+            res = slot if isinstance(slot, Resolution) else slot.resolution
+            assert res is not None
+            report.resolutions.append(res)
+            if res.outcome == "error":
+                report.errors.append(f"{res.participant}: {res.gid}: {res.detail}")
+            if res.outcome in ("in progress", "busy", "error"):
+                remaining.add(res.txid)
         self._cleanup(lconn, rows, listed, remaining, report)
         return report
 
-    def _finish(self, name: str, branch: PreparedBranch, gid: Gid, *, commit: bool) -> Resolution:
-        def result(outcome: Outcome, detail: str = "") -> Resolution:
-            return Resolution(name, branch.gid, gid.txid, outcome, branch.prepared, detail)
-
+    def _finish_all(self, todo: dict[str, list[_Todo]]) -> None:
+        """COMMIT or ROLLBACK PREPARED every branch of ``todo``: pipelined on each
+        participant's connection, all participants at once (see :class:`_Pipeline`)."""
+        pipelines = [_Pipeline(self, name, items) for name, items in todo.items() if items]
         try:
-            conn = self._conn(name, self.config.participants[name])
-            done = finish_prepared(conn, branch.gid, commit=commit)
-        except psycopg.errors.InsufficientPrivilege as e:
-            return result(
-                "error",
-                f"{e}: connect recovery as the role that prepared it ({branch.owner}) "
-                "or a superuser",
+            with selectors.DefaultSelector() as sel:
+                while True:
+                    for p in pipelines:
+                        p.send_batch()  # once the previous batch is answered
+                        p.watch(sel)
+                    if not any(p.active for p in pipelines):
+                        break
+                    for key, _ in sel.select():
+                        key.data.advance()
+        finally:
+            for p in pipelines:
+                p.close()
+
+    def _resolved(self, item: _Todo, outcome: Outcome, detail: str = "") -> None:
+        """Record what became of one branch (called as soon as its answer arrives)."""
+        branch, gid, name = item.branch, item.gid, item.participant
+        item.resolution = Resolution(name, branch.gid, gid.txid, outcome, branch.prepared, detail)
+        if outcome in ("committed", "rolled back"):
+            logger.info(
+                "resolved txid=%s gid=%s participant=%s outcome=%s",
+                gid.txid, branch.gid, name, outcome,
+                extra={"txid": gid.txid, "gid": branch.gid, "participant": name,
+                       "outcome": outcome},
             )
-        except (psycopg.Error, TxmgrError) as e:  # lost connection: reconnect next branch
-            self._drop(name)
-            return result("error", redact(str(e)))
-        if done == "missing":
-            return result("already finished")
-        if done == "busy":
-            return result("busy", "another session is finishing it")
-        outcome: Outcome = "committed" if commit else "rolled back"
-        logger.info(
-            "resolved txid=%s gid=%s participant=%s outcome=%s",
-            gid.txid, branch.gid, name, outcome,
-            extra={"txid": gid.txid, "gid": branch.gid, "participant": name, "outcome": outcome},
-        )
-        return result(outcome)
+            if self._on_resolution is not None:
+                self._on_resolution(item.resolution)
 
     def _cleanup(
         self,
@@ -233,3 +264,162 @@ class Recoverer:
             self._drop(LOG_KEY)
             report.errors.append(f"log: could not delete finished decisions: {redact(str(e))}")
         report.decisions_pending = len(rows) - report.decisions_deleted
+
+
+@dataclass(slots=True)
+class _Todo:
+    """A branch to finish, and what became of it."""
+
+    participant: str
+    branch: PreparedBranch
+    gid: Gid
+    commit: bool
+    resolution: Resolution | None = None
+
+
+class _Pipeline:
+    """Finishes the branches of one participant over its kept connection.
+
+    ``COMMIT PREPARED`` refuses to run inside a transaction block, and several
+    statements in one simple query, or several extended-protocol statements
+    before one Sync, form one. So every statement is followed by its own Sync
+    (libpq pipeline mode): each is its own transaction with its own answer,
+    and an error affects that branch only — while the statements of a batch
+    travel without waiting for each other's answers. A batch is sent once the
+    previous one is fully answered; batches start at one statement and
+    double up to :data:`PIPELINE_DEPTH`, so that a connection kept from an
+    earlier pass that went stale costs one branch an error (the next batch
+    reconnects), not a whole batch.
+    """
+
+    __slots__ = ("_conn", "_current", "_flushing", "_inflight", "_name", "_pending", "_rec",
+                 "_watched", "_window")
+
+    def __init__(self, rec: Recoverer, name: str, items: list[_Todo]) -> None:
+        self._rec = rec
+        self._name = name
+        self._pending = deque(items)  # not sent yet
+        self._inflight: deque[_Todo] = deque()  # sent, answer not complete yet
+        self._current: tuple[Outcome, str] | None = None  # the answer of _inflight[0]
+        self._conn: psycopg.Connection[Any] | None = None  # in pipeline mode while set
+        self._window = 1
+        self._flushing = False  # libpq holds output the socket did not take yet
+        # the connection whose socket the selector watches, and that socket
+        self._watched: tuple[psycopg.Connection[Any], int] | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._inflight)
+
+    def watch(self, sel: selectors.BaseSelector) -> None:
+        """Keep ``sel`` watching this pipeline's socket, for the events it needs now."""
+        conn = self._conn if self._inflight else None
+        if self._watched is not None and self._watched[0] is not conn:
+            # A new connection may have the old one's descriptor number: unregister
+            # by connection, not by number.
+            sel.unregister(self._watched[1])
+            self._watched = None
+        if conn is None:
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._flushing else 0)
+        if self._watched is None:
+            fd = conn.pgconn.socket
+            sel.register(fd, events, self)
+            self._watched = (conn, fd)
+        elif sel.get_key(self._watched[1]).events != events:
+            sel.modify(self._watched[1], events, self)
+
+    def send_batch(self) -> None:
+        """Send the next batch (connecting first if needed), unless one is in flight."""
+        while self._pending and not self._inflight:
+            if self._conn is None:
+                try:
+                    conn = self._rec._conn(self._name, self._rec.config.participants[self._name])
+                    conn.pgconn.enter_pipeline_mode()
+                except (psycopg.Error, TxmgrError) as e:
+                    # Unreachable: the rest of its branches wait for the next pass.
+                    self._rec._drop(self._name)
+                    while self._pending:
+                        self._rec._resolved(self._pending.popleft(), "error", redact(str(e)))
+                    return
+                self._conn = conn
+            pg = self._conn.pgconn
+            try:
+                for _ in range(min(self._window, len(self._pending))):
+                    item = self._pending.popleft()
+                    self._inflight.append(item)
+                    verb = "COMMIT PREPARED {}" if item.commit else "ROLLBACK PREPARED {}"
+                    pg.send_query_params(
+                        sql.SQL(verb).format(sql.Literal(item.branch.gid)).as_bytes(self._conn),
+                        None,
+                    )
+                    pg.pipeline_sync()
+                self._window = min(2 * self._window, PIPELINE_DEPTH)
+                self._flush()
+            except psycopg.Error as e:
+                self._lost(e)  # and go round again: a new connection for the rest
+
+    def advance(self) -> None:
+        """Send what libpq still holds, read what arrived, record every complete answer."""
+        assert self._conn is not None
+        pg = self._conn.pgconn
+        try:
+            self._flush()
+            pg.consume_input()
+            while self._inflight and not pg.is_busy():
+                res = pg.get_result()
+                if res is None:  # the end of one statement's results; its Sync follows
+                    continue
+                if res.status == pq.ExecStatus.PIPELINE_SYNC:
+                    outcome, detail = self._current or ("error", "the server sent no answer")
+                    self._current = None
+                    self._rec._resolved(self._inflight.popleft(), outcome, detail)
+                elif self._current is None:
+                    self._current = self._answer(self._inflight[0], res)
+        except psycopg.Error as e:  # the connection is lost: no answer will come
+            self._lost(e)
+
+    def close(self) -> None:
+        """Leave the connection ready for ordinary use, or drop it when it is not."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._inflight or self._current is not None:  # stopped by an exception
+            self._inflight.clear()
+            self._rec._drop(self._name)
+            return
+        try:
+            conn.pgconn.exit_pipeline_mode()
+        except psycopg.Error:
+            self._rec._drop(self._name)
+
+    def _flush(self) -> None:
+        assert self._conn is not None
+        self._flushing = self._conn.pgconn.flush() == 1
+
+    def _answer(self, item: _Todo, res: pq.abc.PGresult) -> tuple[Outcome, str]:
+        if res.status == pq.ExecStatus.COMMAND_OK:
+            return ("committed" if item.commit else "rolled back"), ""
+        assert self._conn is not None
+        error = psycopg.errors.error_from_result(res, encoding=self._conn.info.encoding)
+        if isinstance(error, psycopg.errors.UndefinedObject):  # 42704: finished elsewhere
+            return "already finished", ""
+        if isinstance(error, psycopg.errors.ObjectNotInPrerequisiteState):  # 55000: in use
+            return "busy", "another session is finishing it"
+        if isinstance(error, psycopg.errors.InsufficientPrivilege):
+            return "error", (
+                f"{error}: connect recovery as the role that prepared it "
+                f"({item.branch.owner}) or a superuser"
+            )
+        return "error", redact(str(error))
+
+    def _lost(self, error: psycopg.Error) -> None:
+        """The connection broke: every branch in flight gets the error; the next
+        batch starts over on a new connection."""
+        self._conn = None
+        self._current = None
+        self._flushing = False
+        self._window = 1
+        self._rec._drop(self._name)
+        while self._inflight:
+            self._rec._resolved(self._inflight.popleft(), "error", redact(str(error)))

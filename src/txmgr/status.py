@@ -152,6 +152,7 @@ class BranchStatus:
         return bool(self.blocked_pids)
 
     def to_json(self) -> dict[str, Any]:
+        """This branch as one object of ``txmgr status --json``."""
         out = asdict(self)
         out["prepared_at"] = self.prepared_at.isoformat()
         out["blocked_pids"] = list(self.blocked_pids)
@@ -166,6 +167,7 @@ class PendingDecision(decision_log.DecisionRow):
     age: float  # seconds since the decision was made
 
     def to_json(self) -> dict[str, Any]:
+        """This row as one object of ``pending_decisions`` in ``txmgr status --json``."""
         out = asdict(self)
         out["created_at"] = self.created_at.isoformat()
         out["participants"] = list(self.participants)
@@ -184,6 +186,7 @@ class StatusReport:
 
     @property
     def log_reachable(self) -> bool:
+        """Whether the decision log could be read."""
         return self.log_error is None
 
     def stuck(self, older_than: float) -> list[BranchStatus]:
@@ -195,6 +198,7 @@ class StatusReport:
         return not self.stuck(older_than) and not self.unreachable and self.log_reachable
 
     def to_json(self, older_than: float) -> dict[str, Any]:
+        """The document ``txmgr status --json --older-than SECONDS`` prints."""
         return {
             "ok": self.healthy(older_than),
             "older_than": older_than,
@@ -260,6 +264,7 @@ class Inspector:
         )
 
     def close(self) -> None:
+        """Close every connection kept between looks."""
         self._conns.close()
 
     def _conn(self, key: str, dsn: str, name: str) -> psycopg.Connection[Any]:
@@ -269,6 +274,8 @@ class Inspector:
         self._conns.drop(key)
 
     def inspect(self) -> StatusReport:
+        """Look at every participant and the log now; servers that do not answer are
+        reported in the result, not raised."""
         report = StatusReport()
         rows: list[decision_log.DecisionRow] = []
         lconn: psycopg.Connection[Any] | None = None

@@ -37,12 +37,15 @@ cli.add_command(resolve_cmd)
 def _add_optional() -> None:
     # Commands that live in modules of their own and may pull heavier imports.
     from txmgr.cli._demo import demo_cmd
+    from txmgr.cli._torture import torture_cmd
 
     cli.add_command(demo_cmd)
+    cli.add_command(torture_cmd)
 
 
 _add_optional()
 
 
 def main() -> None:
+    """The ``txmgr`` command's entry point: exit codes 0, 1 or 2 (see the module doc)."""
     run_main(cli)

@@ -14,6 +14,7 @@ from txmgr._logging import LOG_FORMATS, configure_logging
 from txmgr.cli._common import config_option, load_config
 from txmgr.daemon import Daemon
 from txmgr.errors import ConfigError
+from txmgr.metrics import require_prometheus
 
 __all__ = ["daemon_cmd"]
 
@@ -65,6 +66,9 @@ def daemon_cmd(
     second signal ends the process at once.
     """
     config = load_config(config_path)
+    port = metrics_port if metrics_port is not None else config.metrics_port
+    if port is not None:
+        require_prometheus()  # the `metrics` extra: say so before anything starts
     configure_logging("json" if log_format == "json" else "text", log_level.upper())
     stop = threading.Event()
 
@@ -80,7 +84,6 @@ def daemon_cmd(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     daemon = Daemon(config, interval=interval, stop=stop)
-    port = metrics_port if metrics_port is not None else config.metrics_port
     metrics_address = metrics_address or config.metrics_address
     if port is not None:
         try:

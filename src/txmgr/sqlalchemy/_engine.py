@@ -1,22 +1,23 @@
 """One Engine per participant, whose pool hands out the current branch connection.
 
 Dialect initialization (server version, schema, type checks) costs round trips,
-so an Engine lives as long as the manager and serves every transaction. Its
-``NullPool`` never keeps a connection: each ``connect()`` takes the psycopg
-connection that the calling thread's transaction put in a context variable,
-and its "close" is the dialect's no-op: the connection stays in its branch,
-then goes back to txmgr's pool when txmgr ends the transaction.
+so an Engine lives as long as its :class:`~txmgr.sqlalchemy.SQLAlchemy` and
+serves every transaction and session. Its ``NullPool`` never keeps a
+connection: each ``connect()`` takes the psycopg connection that the caller
+put in a context variable (:func:`attach`), and its "close" is the dialect's
+no-op: the connection stays in its branch, then goes back to txmgr's pool when
+txmgr ends the transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
 import psycopg
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
@@ -24,7 +25,7 @@ from txmgr.errors import TransactionStateError
 from txmgr.sqlalchemy._dialect import DRIVER_NAME
 from txmgr.sqlalchemy._state import INFO_KEY, BranchState
 
-__all__ = ["ENGINE_OPTIONS", "connect_branch", "create_branch_engine"]
+__all__ = ["ENGINE_OPTIONS", "attach", "connect_branch", "create_branch_engine"]
 
 #: create_engine() options that make sense for connections txmgr owns. Pool,
 #: connect and isolation options do not (txmgr made and pools the connections),
@@ -35,7 +36,7 @@ ENGINE_OPTIONS = frozenset({
     "query_cache_size", "use_insertmanyvalues",
 })
 
-# The branch connection being wrapped by connect_branch(), in this thread.
+# The branch connection being wrapped by attach(), in this thread.
 _handout: ContextVar[psycopg.Connection[Any] | None] = ContextVar(
     "txmgr_sqlalchemy_handout", default=None
 )
@@ -45,8 +46,8 @@ def _creator() -> DBAPIConnection:
     conn = _handout.get()
     if conn is None:
         raise TransactionStateError(
-            "this Engine only runs inside txmgr transactions: use "
-            "tx.connection(name) or tx.session(name) of a txmgr.sqlalchemy transaction"
+            "this Engine only runs inside txmgr transactions: use tx.connection(name) or "
+            "tx.session(name) of a txmgr.sqlalchemy transaction, or a TwoPhaseSession"
         )
     return cast(DBAPIConnection, conn)
 
@@ -54,21 +55,29 @@ def _creator() -> DBAPIConnection:
 def _on_invalidate(
     dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, error: BaseException | None
 ) -> None:
-    # SQLAlchemy drops an invalidated connection and its transaction with it.
+    # SQLAlchemy drops an invalidated connection and its transaction with it
+    # (and skips the rollback it would otherwise send through the dialect).
     info = record.record_info
     state = info.get(INFO_KEY) if info is not None else None
-    if isinstance(state, BranchState) and state.open:
-        state.mark_rolled_back(
-            "SQLAlchemy invalidated the connection (Session.invalidate(), "
-            "Connection.invalidate() or a lost connection)",
-            error,
-        )
+    if not isinstance(state, BranchState) or not state.open:
+        return
+    why = (
+        "SQLAlchemy invalidated the connection (Session.invalidate(), "
+        "Connection.invalidate() or a lost connection)"
+    )
+    if state.owner is not None:
+        state.owner.rollback_all(why, error)
+    else:
+        state.mark_rolled_back(why, error)
 
 
-def create_branch_engine(options: Mapping[str, Any]) -> Engine:
-    """An Engine for one participant; ``options`` were checked against ENGINE_OPTIONS."""
+def create_branch_engine(options: Mapping[str, Any], url: URL | None = None) -> Engine:
+    """An Engine for one participant. ``options`` are create_engine() options that
+    were checked by the caller; ``url`` (without password: see
+    ``_binding.display_url``) only names the database in logs and ``repr()``, its
+    driver is replaced: txmgr makes the connections."""
     engine = create_engine(
-        f"{DRIVER_NAME}://",
+        url.set(drivername=DRIVER_NAME) if url is not None else f"{DRIVER_NAME}://",
         creator=_creator,
         poolclass=NullPool,
         pool_reset_on_return=None,  # txmgr ends the transaction, not a checkin
@@ -82,12 +91,14 @@ def create_branch_engine(options: Mapping[str, Any]) -> Engine:
     return engine
 
 
-def connect_branch(engine: Engine, conn: psycopg.Connection[Any], state: BranchState) -> Connection:
-    """A SQLAlchemy Connection on ``conn``, inside an SQLAlchemy transaction standing for the
-    branch (so that sessions join it instead of beginning their own)."""
+def attach(
+    connect: Callable[[], Connection], conn: psycopg.Connection[Any], state: BranchState
+) -> Connection:
+    """A SQLAlchemy Connection made by ``connect()`` (an Engine's) on the branch
+    connection ``conn``, tagged with ``state`` for the dialect."""
     token = _handout.set(conn)
     try:
-        sa_conn = engine.connect()
+        sa_conn = connect()
     finally:
         _handout.reset(token)
     # The pool entry lives as long as this checkout (NullPool), and the dialect
@@ -95,6 +106,13 @@ def connect_branch(engine: Engine, conn: psycopg.Connection[Any], state: BranchS
     record_info = sa_conn.connection.record_info
     assert record_info is not None  # not detached
     record_info[INFO_KEY] = state
+    return sa_conn
+
+
+def connect_branch(engine: Engine, conn: psycopg.Connection[Any], state: BranchState) -> Connection:
+    """A SQLAlchemy Connection on ``conn``, inside an SQLAlchemy transaction standing for the
+    branch (so that sessions join it instead of beginning their own)."""
+    sa_conn = attach(engine.connect, conn, state)
     try:
         sa_conn.begin()  # no round trip: psycopg's do_begin is a no-op
     except BaseException:

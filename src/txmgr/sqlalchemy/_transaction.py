@@ -61,10 +61,12 @@ class SQLAlchemyTransaction:
 
     @property
     def txid(self) -> str:
+        """The global transaction's id (in its gids, logs and ``txmgr status``)."""
         return self._tx.txid
 
     @property
     def state(self) -> TransactionState:
+        """The global transaction's state (active, committed, rolled back, …)."""
         return self._tx.state
 
     def connection(self, name: str) -> Connection:

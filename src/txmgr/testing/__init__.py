@@ -36,12 +36,15 @@ if TYPE_CHECKING:
     from ._env import servers_from_env
     from ._errors import PgServerError
     from ._server import ExternalServer, PgServer
+    from .proxy import FaultProxy, Rule
 
 __all__ = [
     "ExternalServer",
+    "FaultProxy",
     "PgBinariesNotFound",
     "PgServer",
     "PgServerError",
+    "Rule",
     "Server",
     "find_pg_bin",
     "servers_from_env",
@@ -52,9 +55,11 @@ __all__ = [
 # pull in psycopg.
 _LOCATIONS = {
     "ExternalServer": "._server",
+    "FaultProxy": ".proxy",
     "PgBinariesNotFound": "._binaries",
     "PgServer": "._server",
     "PgServerError": "._errors",
+    "Rule": ".proxy",
     "Server": "._admin",
     "find_pg_bin": "._binaries",
     "servers_from_env": "._env",

@@ -25,25 +25,32 @@ class Server(Protocol):
     """What tests may rely on, whether the harness started the server or not."""
 
     @property
-    def admin_dsn(self) -> str: ...
+    def admin_dsn(self) -> str:
+        """A superuser DSN of the ``postgres`` database."""
 
     @property
-    def password(self) -> str | None: ...
+    def password(self) -> str | None:
+        """The superuser's password, if it has one."""
 
     @property
-    def can_crash(self) -> bool: ...
+    def can_crash(self) -> bool:
+        """Whether ``crash()``, ``restart()`` and ``stop()`` work (servers the harness started)."""
 
     def dsn(
         self, dbname: str = "postgres", user: str | None = None, password: str | None = None
-    ) -> str: ...
+    ) -> str:
+        """A DSN of ``dbname`` for ``user`` (the superuser by default)."""
 
-    def create_database(self, name: str | None = None) -> str: ...
+    def create_database(self, name: str | None = None) -> str:
+        """Create a database (a random name by default) and return its DSN."""
 
-    def drop_database(self, name: str) -> None: ...
+    def drop_database(self, name: str) -> None:
+        """Drop a database, rolling back its prepared transactions first."""
 
     def execute_admin(
         self, query: Query, params: Params | None = None, *, dbname: str | None = None
-    ) -> list[tuple[Any, ...]]: ...
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement as the superuser (autocommit); its rows, if any."""
 
 
 class DatabaseAdmin:

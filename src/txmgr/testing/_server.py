@@ -22,6 +22,7 @@ from ._admin import DatabaseAdmin, Server
 from ._binaries import find_pg_bin
 from ._pgctl import Cluster, PgServerError
 from ._runas import chown_tree, reachable_bin_dir, server_user, temp_parent
+from ._standby import clone_primary
 from ._watchdog import Watchdog
 
 __all__ = ["ExternalServer", "PgServer", "PgServerError", "Server"]
@@ -93,23 +94,50 @@ class PgServer(DatabaseAdmin):
         }
         self._cluster: Cluster | None = None
         self._watchdog: Watchdog | None = None
+        self._primary: PgServer | None = None  # set by standby_of()
+
+    @classmethod
+    def standby_of(cls, primary: PgServer, *, timeout: float = 60.0) -> PgServer:
+        """A hot standby of the running ``primary``, not started yet.
+
+        ``start()`` (or ``with``) makes it with ``pg_basebackup`` instead of
+        ``initdb`` and starts it streaming from ``primary``; it is read-only
+        (``pg_is_in_recovery()``) and has the primary's databases, superuser
+        password and settings. Destroy it before the primary.
+        """
+        if not primary.is_running():
+            raise PgServerError("standby_of() needs a running primary")
+        standby = cls(
+            bin_dir=primary._bin_dir,
+            # A hot standby refuses to start with max_connections,
+            # max_prepared_transactions, … lower than its primary's.
+            settings={**primary._settings, "hot_standby": "on"},
+            superuser_password=primary.password,
+            timeout=timeout,
+        )
+        standby._primary = primary
+        return standby
 
     @property
     def port(self) -> int:
+        """The TCP port it listens on (PgServerError before the first start)."""
         if self._port is None:
             raise PgServerError("the server has not been started yet")
         return self._port
 
     @property
     def password(self) -> str:
+        """The superuser's password (random unless given)."""
         return self._password
 
     @property
     def data_dir(self) -> Path:
+        """The cluster's data directory (while started)."""
         return self._started().data_dir
 
     @property
     def log_file(self) -> Path:
+        """The server's log file (while started)."""
         return self._started().log_file
 
     def dsn(
@@ -140,7 +168,11 @@ class PgServer(DatabaseAdmin):
             self._watchdog = Watchdog(bin_dir / "pg_ctl", cluster.data_dir, base, user)
             if self._auto_port:
                 self._port = _free_port()
-            cluster.initdb(_SUPERUSER, self._password)
+            if self._primary is None:
+                cluster.initdb(_SUPERUSER, self._password)
+            else:
+                primary = self._primary
+                clone_primary(cluster, primary.host, primary.port, _SUPERUSER, self._password)
             # The socket goes to the data dir, so no /var/run permissions are involved.
             socket_dir = {"unix_socket_directories": str(cluster.data_dir)}
             cluster.append_conf({**socket_dir, **self._settings, "port": str(self._port)})
@@ -182,6 +214,7 @@ class PgServer(DatabaseAdmin):
         self._pg_ctl_start()
 
     def is_running(self) -> bool:
+        """Whether the server process is up."""
         return self._cluster is not None and self._cluster.is_running()
 
     def destroy(self) -> None:
@@ -233,10 +266,12 @@ class ExternalServer(DatabaseAdmin):
 
     @property
     def admin_dsn(self) -> str:
+        """The DSN it was made with."""
         return self._admin_dsn
 
     @property
     def password(self) -> str | None:
+        """The password in the admin DSN, if any."""
         value = self._params.get("password")
         return None if value is None else str(value)
 
@@ -255,12 +290,15 @@ class ExternalServer(DatabaseAdmin):
         raise NotImplementedError(f"{what} needs a server started by the harness (PgServer)")
 
     def stop(self, mode: str = "fast") -> NoReturn:
+        """Not possible: raises NotImplementedError (the harness did not start it)."""
         self._unsupported("stop()")
 
     def crash(self) -> NoReturn:
+        """Not possible: raises NotImplementedError (the harness did not start it)."""
         self._unsupported("crash()")
 
     def restart(self) -> NoReturn:
+        """Not possible: raises NotImplementedError (the harness did not start it)."""
         self._unsupported("restart()")
 
     def __repr__(self) -> str:

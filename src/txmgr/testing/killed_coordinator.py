@@ -134,6 +134,7 @@ def run(spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the coordinator described by the one SPEC_JSON argument (see the module doc)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.exit("usage: python -m txmgr.testing.killed_coordinator SPEC_JSON")

@@ -3,6 +3,11 @@
 Loaded through the ``pytest11`` entry point ``txmgr`` or with
 ``-p txmgr.testing.pytest_plugin``. Importing it is cheap: servers are started by the
 fixtures, on first use, and the harness modules are imported only then.
+
+Where the servers come from (:mod:`txmgr.testing._env`): ``$TXMGR_TEST_DSNS``
+(servers that already run), else ``$TXMGR_TEST_BACKEND``: ``local`` processes (the
+default) or ``docker`` containers. With ``docker`` and no Docker engine answering,
+the tests that need servers are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = ["MakeDatabase", "crash_server", "make_database", "pg_server", "pg_ser
 _SERVER_COUNT = 2
 _ENTRY_POINT = "txmgr"  # name of this plugin's pytest11 entry point
 _DSNS_ENV_VAR = "TXMGR_TEST_DSNS"
+_BACKEND_ENV_VAR = "TXMGR_TEST_BACKEND"
 
 
 class MakeDatabase(Protocol):
@@ -41,6 +47,18 @@ def pytest_plugin_registered(
     # Blocking the entry point's name makes the -p spelling work installed or not.
     if plugin is sys.modules[__name__] and plugin_name != _ENTRY_POINT:
         manager.set_blocked(_ENTRY_POINT)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Reject an unknown ``$TXMGR_TEST_BACKEND`` before any test runs."""
+    if os.environ.get(_BACKEND_ENV_VAR, "").strip():
+        from ._env import server_backend
+        from ._errors import PgServerError
+
+        try:
+            server_backend()
+        except PgServerError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 def _start_servers(count: int) -> list[PgServer]:
@@ -61,21 +79,14 @@ def _start_servers(count: int) -> list[PgServer]:
 @pytest.fixture(scope="session")
 def pg_servers() -> Iterator[list[Server]]:
     """Two servers for the session: from ``$TXMGR_TEST_DSNS``, else started here."""
-    from ._env import servers_from_env
+    from ._env import server_backend, servers_from_env
 
     external = servers_from_env(_SERVER_COUNT)
     if external is not None:
         yield external
         return
-    if os.environ.get("TXMGR_TEST_DOCKER", "").strip() in ("1", "true", "yes"):
-        from .containers import ContainerServer
-
-        containers = [ContainerServer().start() for _ in range(_SERVER_COUNT)]
-        try:
-            yield list(containers)
-        finally:
-            for container in containers:
-                container.destroy()
+    if server_backend() == "docker":
+        yield from _container_servers(_SERVER_COUNT)
         return
     started = _start_servers(_SERVER_COUNT)
     try:
@@ -83,6 +94,24 @@ def pg_servers() -> Iterator[list[Server]]:
     finally:
         for server in started:
             server.destroy()
+
+
+def _container_servers(count: int) -> Iterator[list[Server]]:
+    from .containers import ContainerServer, docker_unavailable_reason
+
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"{_BACKEND_ENV_VAR}=docker, but {reason}; "
+                    f"unset {_BACKEND_ENV_VAR} to run local servers")  # fmt: skip
+    containers: list[ContainerServer] = []
+    try:
+        for _ in range(count):
+            containers.append(ContainerServer())
+            containers[-1].start()
+        yield list(containers)
+    finally:
+        for container in containers:
+            container.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +158,14 @@ def crash_server() -> Iterator[PgServer]:
             f"crash_server needs a server started by the harness, but {_DSNS_ENV_VAR} "
             "selects external servers, which cannot be crashed"
         )
+    from ._env import server_backend
     from ._server import PgServer
+
+    if server_backend() == "docker":
+        pytest.skip(
+            f"crash_server needs a local server the harness can crash with pg_ctl; "
+            f"{_BACKEND_ENV_VAR}=docker runs servers in containers"
+        )
 
     with PgServer() as server:
         yield server

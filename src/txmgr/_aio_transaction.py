@@ -1,0 +1,148 @@
+"""One global transaction, driven on an asyncio event loop.
+
+The same protocol as :class:`txmgr.Transaction` (:mod:`txmgr._protocol`);
+here each request it yields is awaited: queries through the event loop's
+readers (:func:`txmgr._multiplex.run_all_async`, one task, no threads),
+connections from :class:`~psycopg_pool.AsyncConnectionPool`, pauses with
+:func:`asyncio.sleep`. Asking the log about a lost COMMIT reply — rare — runs
+the blocking helper of :mod:`txmgr.log` on a worker thread.
+
+Hooks and failpoints are called on the event loop's thread, so they must be
+quick (a ``sleep`` failpoint stalls the loop, as it stalls a thread in sync
+code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, Protocol, TypeVar, cast
+
+import psycopg
+
+from txmgr import _protocol
+from txmgr import transaction as _sync_transaction
+from txmgr._aio_participant import AsyncParticipant
+from txmgr._branch import AsyncBranchConnection
+from txmgr._multiplex import run_all_async
+from txmgr._ops import (
+    Checkout,
+    Forget,
+    LogConnection,
+    Op,
+    ReadDecision,
+    Release,
+    ReleaseLog,
+    Run,
+    Sleep,
+    Step,
+)
+from txmgr._protocol import TransactionState
+from txmgr.log import XactStatus
+
+__all__ = ["AsyncTransaction"]
+
+T = TypeVar("T")
+
+
+class _AsyncManager(_protocol.Coordinator, Protocol):
+    """What the asyncio front end needs from its manager (no import cycle)."""
+
+    def participant(self, name: str) -> AsyncParticipant: ...
+    async def logid(self) -> str: ...
+    async def log_connection(self, *, wait: bool = True) -> psycopg.AsyncConnection[Any]: ...
+    async def release_log_connection(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
+    def read_decision(self, lxid: int, txid: str) -> tuple[XactStatus, bool]: ...
+    async def forget(self, txids: Iterable[str]) -> None: ...
+
+
+class AsyncTransaction:
+    """A global transaction over any subset of the manager's participants, for asyncio.
+
+    Use it as ``async with tm.transaction() as tx:``. Not safe to share
+    between tasks: one task drives one transaction (the manager is shared).
+    """
+
+    __slots__ = ("_core", "_tm", "txid")
+
+    def __init__(self, tm: _AsyncManager) -> None:
+        self._tm = tm
+        self._core = _protocol.TransactionCore(tm)
+        self.txid = self._core.txid
+
+    def __repr__(self) -> str:
+        core = self._core
+        return f"<AsyncTransaction {self.txid} {core.state.value} {sorted(core.branches)}>"
+
+    @property
+    def state(self) -> TransactionState:
+        """Where the transaction stands: active, committed, rolled back, …"""
+        return self._core.state
+
+    async def connection(self, name: str) -> psycopg.AsyncConnection[Any]:
+        """The psycopg connection of ``name``'s branch, opening the branch on first use."""
+        core = self._core
+        core.require(TransactionState.ACTIVE, "connection()")
+        branch = core.branches.get(name)
+        if branch is None:
+            await self._tm.logid()  # the log is checked before the first branch
+            branch = await _drive(self._tm, core.open_branch(name))
+        return cast("psycopg.AsyncConnection[Any]", branch.conn)
+
+    async def commit(self) -> None:
+        """Commit every branch atomically (called by the ``async with`` block on success)."""
+        await _drive(
+            self._tm, self._core.commit(patience=_sync_transaction.CONFIRM_PATIENCE)
+        )
+
+    async def rollback(self) -> None:
+        """Roll back every branch (called by the ``async with`` block on an exception)."""
+        await _drive(self._tm, self._core.rollback())
+
+    async def __aenter__(self) -> AsyncTransaction:
+        await self._tm.logid()  # fail before any work when the log is unusable
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            await self.rollback()
+        elif self._core.state is TransactionState.ACTIVE:
+            await self.commit()
+
+
+async def _drive(tm: _AsyncManager, step: Step[T]) -> T:
+    """Run a protocol step to its end, awaiting each request it yields; a failed
+    (or cancelled) request is raised inside the step, where it was made."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = step.send(result) if error is None else step.throw(error)
+        except StopIteration as stop:
+            return cast(T, stop.value)
+        result = error = None
+        try:
+            result = await _perform(tm, op)
+        except BaseException as e:  # CancelledError too: the step cleans up
+            error = e
+
+
+async def _perform(tm: _AsyncManager, op: Op) -> Any:
+    match op:
+        case Run(jobs):
+            await run_all_async(jobs)
+        case Checkout(name):
+            return await tm.participant(name).checkout()
+        case Release(name, conn):
+            await tm.participant(name).release(cast(AsyncBranchConnection, conn))
+        case LogConnection(wait):
+            return await tm.log_connection(wait=wait)
+        case ReleaseLog(conn):
+            await tm.release_log_connection(cast("psycopg.AsyncConnection[Any]", conn))
+        case ReadDecision(lxid, txid):
+            return await asyncio.to_thread(tm.read_decision, lxid, txid)
+        case Sleep(seconds):
+            await asyncio.sleep(seconds)
+        case Forget(txids):
+            await tm.forget(txids)
+    return None

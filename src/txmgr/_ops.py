@@ -1,0 +1,124 @@
+"""The I/O requests of the commit protocol: what a front end must do for it.
+
+The protocol (:mod:`txmgr._protocol`) is written as generators that yield
+these small values and receive the results, so that it contains no I/O and
+one implementation serves both front ends: :class:`txmgr.Transaction` performs
+each request with blocking calls, :class:`txmgr.AsyncTransaction` awaits it.
+A request that fails is thrown back into the generator at its ``yield``, so
+the protocol handles errors exactly as if it had made the call itself.
+
+A request without a result is yielded as is (``yield Run(jobs)``); one with
+a result goes through its helper below, so that the result is typed:
+``conn = yield from checkout("orders")`` reads like the call it stands for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+from txmgr._branch import AnyBranchConnection
+from txmgr._multiplex import AnyConnection, Job
+from txmgr.log import XactStatus
+
+__all__ = [
+    "Checkout",
+    "Forget",
+    "LogConnection",
+    "Op",
+    "ReadDecision",
+    "Release",
+    "ReleaseLog",
+    "Run",
+    "Sleep",
+    "Step",
+    "checkout",
+    "log_connection",
+    "read_decision",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Run:
+    """Send every job's query, then collect every answer (:func:`txmgr._multiplex.run_all`)."""
+
+    jobs: Sequence[Job]
+
+
+@dataclass(slots=True)
+class Checkout:
+    """A pooled connection of the participant (autocommit, idle) -> the connection."""
+
+    participant: str
+
+
+@dataclass(slots=True)
+class Release:
+    """Give a participant's connection back to its pool."""
+
+    participant: str
+    conn: AnyBranchConnection
+
+
+@dataclass(slots=True)
+class LogConnection:
+    """A pooled connection to the dedicated log database -> the connection.
+
+    ``wait=False``: only an idle pooled one will do, else ParticipantUnavailable.
+    """
+
+    wait: bool
+
+
+@dataclass(slots=True)
+class ReleaseLog:
+    """Give a dedicated log connection back to its pool."""
+
+    conn: AnyConnection
+
+
+@dataclass(slots=True)
+class ReadDecision:
+    """Ask the log, on a fresh connection, what became of one decision ->
+    (status of ``lxid``, whether ``txid``'s decision row exists)."""
+
+    lxid: int
+    txid: str
+
+
+@dataclass(slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(slots=True)
+class Forget:
+    """These decisions are finished: delete their rows later (or now, if many wait)."""
+
+    txids: list[str]
+
+
+Op: TypeAlias = (
+    Run | Checkout | Release | LogConnection | ReleaseLog | ReadDecision | Sleep | Forget
+)
+
+#: A protocol step: yields requests, receives their results, returns a ``T``.
+Step: TypeAlias = Generator[Op, Any, T]
+
+
+def checkout(participant: str) -> Step[AnyBranchConnection]:
+    conn: AnyBranchConnection = yield Checkout(participant)
+    return conn
+
+
+def log_connection(*, wait: bool) -> Step[AnyConnection]:
+    conn: AnyConnection = yield LogConnection(wait)
+    return conn
+
+
+def read_decision(lxid: int, txid: str) -> Step[tuple[XactStatus, bool]]:
+    answer: tuple[XactStatus, bool] = yield ReadDecision(lxid, txid)
+    return answer

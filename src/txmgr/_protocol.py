@@ -1,0 +1,549 @@
+"""The commit protocol of one global transaction, free of I/O.
+
+Every step is a generator (:data:`txmgr._ops.Step`) that yields requests —
+run these queries on these connections, check out a connection, sleep — and
+receives their results; :class:`txmgr.Transaction` performs them with
+blocking calls, :class:`txmgr.AsyncTransaction` awaits them. One protocol,
+two front ends. Hooks and failpoints are called directly: they are
+synchronous and must be quick (see :mod:`txmgr.hooks`).
+
+Protocol (see the README's "How it works"); every step talks to all branches
+at once (:mod:`txmgr._multiplex`):
+
+1. vote: ask every branch whether it wrote — and, with a dedicated log, open
+   the decision transaction ``L`` in the same round trip.
+2. at most one writer: it commits in one phase (``L``, if open, rolls back).
+3. otherwise ``L`` (dedicated log database, or the log participant's own
+   branch) holds the decision row; ``lxid`` = its xid, written into each gid.
+4. ``PREPARE TRANSACTION`` every other writer; any failure aborts everything.
+5. ``COMMIT`` ``L`` — the commit point. A lost reply is settled by asking the
+   log on a fresh connection (is ``L`` over? is its row there?).
+6. ``COMMIT PREPARED`` every branch, and commit the read-only branches;
+   failures are left to recovery.
+7. the decision row is deleted by a later decision transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import NoReturn, Protocol
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from txmgr import failpoints
+from txmgr._branch import AnyBranchConnection
+from txmgr._decision import Decision
+from txmgr._gid import Gid, new_txid
+from txmgr._hints import FAILED_BRANCH_HINT, with_hint
+from txmgr._multiplex import Job, literal
+from txmgr._ops import Forget, Release, Run, Step, checkout
+from txmgr.config import Config
+from txmgr.errors import (
+    LogSchemaError,
+    ManualTransactionControl,
+    OutcomeUnknown,
+    ParticipantUnavailable,
+    TransactionAborted,
+    TransactionStateError,
+)
+from txmgr.hooks import Hooks
+
+__all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState"]
+
+logger = logging.getLogger("txmgr")
+
+
+class Coordinator(Protocol):
+    """What a transaction needs from its manager (kept narrow: no import cycle)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def hooks(self) -> Hooks: ...
+    @property
+    def log_participant(self) -> str | None: ...
+    def known_logid(self) -> str: ...
+    def take_forget(self) -> list[str]: ...
+    def forget_later(self, txids: list[str]) -> None: ...
+
+
+class TransactionState(enum.Enum):
+    """Where a global transaction stands (``tx.state``)."""
+
+    ACTIVE = "active"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled back"
+    #: committed by the decision, but some COMMIT PREPARED is left to recovery
+    COMMITTED_PENDING = "committed (recovery finishes some branches)"
+    UNKNOWN = "outcome unknown"
+
+
+class Branch:
+    """One participant's branch: its connection and, once known, its gid."""
+
+    __slots__ = ("conn", "gid", "name", "prepared")
+
+    def __init__(self, name: str, conn: AnyBranchConnection) -> None:
+        self.name = name
+        self.conn = conn
+        self.gid: str | None = None
+        self.prepared = False
+
+
+class TransactionCore:
+    """The state of one global transaction and the protocol steps that end it.
+
+    A front end calls :meth:`open_branch`, :meth:`commit` and :meth:`rollback`
+    and drives the generators they return to the end.
+    """
+
+    __slots__ = ("branches", "state", "tm", "txid")
+
+    def __init__(self, tm: Coordinator) -> None:
+        self.tm = tm
+        self.txid = new_txid()
+        self.branches: dict[str, Branch] = {}  # participant name -> its branch
+        self.state = TransactionState.ACTIVE
+
+    def require(self, state: TransactionState, call: str) -> None:
+        if self.state is not state:
+            raise TransactionStateError(
+                f"'{call}' needs an {state.value} transaction; transaction {self.txid} is "
+                f"{self.state.value}: start a new one with tm.transaction()"
+            )
+
+    # -- the three entry points ---------------------------------------------------
+
+    def open_branch(self, name: str) -> Step[Branch]:
+        """Check out a connection of ``name`` and begin its branch on it."""
+        # Pooled connections are in autocommit mode: open the branch's
+        # transaction block now (conn.transaction() inside it then makes
+        # savepoints), with the marker the vote checks, in one round trip. A
+        # pooled connection whose server restarted fails here: retry once.
+        for attempt in (1, 2):
+            conn = yield from checkout(name)
+            try:
+                job = Job(conn, _BEGIN + literal(self.txid, conn) + b", true)")
+                yield Run([job])
+                if job.error is not None:
+                    raise job.error
+            except BaseException as e:
+                yield Release(name, conn)
+                if not isinstance(e, psycopg.OperationalError):
+                    raise
+                if attempt == 2:
+                    raise ParticipantUnavailable(
+                        f"participant {name!r} dropped the connection: {e}", participant=name
+                    ) from e
+                continue
+            existing = self.branches.get(name)
+            if existing is not None:  # opened meanwhile by another task: keep one
+                yield Release(name, conn)
+                return existing
+            conn._txmgr_branch = name
+            branch = self.branches[name] = Branch(name, conn)
+            return branch
+        raise AssertionError("unreachable")
+
+    def commit(self, *, patience: float) -> Step[None]:
+        """Commit every branch atomically. ``patience``: seconds to keep asking
+        the log about a decision whose COMMIT reply was lost."""
+        self.require(TransactionState.ACTIVE, "commit()")
+        self.state = TransactionState.COMMITTING
+        try:
+            yield from self._commit(patience)
+        finally:
+            if self.state is TransactionState.COMMITTING:  # an unexpected error
+                self.state = TransactionState.UNKNOWN
+            yield from self._release_all()
+
+    def rollback(self) -> Step[None]:
+        """Roll back every branch (a no-op once the transaction has ended)."""
+        if self.state is not TransactionState.ACTIVE:
+            return
+        self.state = TransactionState.ROLLED_BACK
+        try:
+            yield from self._rollback_branches(self.branches.values())
+        finally:
+            yield from self._release_all()
+
+    # -- steps ------------------------------------------------------------------
+
+    def _commit(self, patience: float) -> Step[None]:
+        tm = self.tm
+        branches = list(self.branches.values())
+        for b in branches:
+            b.conn._txmgr_branch = None  # txmgr drives the connections from now on
+        yield from self._check_usable(branches)
+        try:
+            failpoints.fire("before_vote")
+        except Exception as e:
+            yield from self._abort(f"failpoint before_vote: {e}", e)
+        # With a dedicated log and two or more branches, open the decision in
+        # the same round trip as the votes: it is on the critical path otherwise.
+        # If at most one branch wrote, it is rolled back unused.
+        decision = (
+            Decision(tm, self.txid) if tm.log_participant is None and len(branches) > 1 else None
+        )
+        try:
+            yield from self._vote_and_commit(branches, decision, patience)
+        finally:
+            if decision is not None:
+                yield from decision.release()
+
+    def _vote_and_commit(
+        self, branches: list[Branch], decision: Decision | None, patience: float
+    ) -> Step[None]:
+        tm = self.tm
+        jobs = [Job(b.conn, _VOTE_QUERY) for b in branches]
+        log_job = None
+        if decision is not None:
+            log_job = yield from decision.job([b.name for b in branches])
+        yield Run([*jobs, log_job] if log_job is not None else jobs)
+        if decision is not None and log_job is not None:
+            yield from decision.opened(log_job)
+        votes = [self._vote(job) for job in jobs]
+        failed = [(b, v) for b, v in zip(branches, votes, strict=True) if isinstance(v, Exception)]
+        if failed:
+            if decision is not None:
+                yield from decision.cancel()
+            b, err = failed[0]
+            if isinstance(err, _ManualEnd):
+                yield from self._abort_manual(b)
+            yield from self._abort(f"participant {b.name!r} failed before prepare: {err}", err)
+        writers = [b for b, v in zip(branches, votes, strict=True) if v is True]
+        readers = [b for b in branches if b not in writers]
+        try:
+            tm.hooks.after_vote(self.txid, [b.name for b in writers])
+        except Exception as e:
+            if decision is not None:
+                yield from decision.cancel()
+            yield from self._abort(f"the after_vote hook failed: {e}", e)
+        if len(writers) <= 1:
+            yield from self._commit_one_phase(writers[0] if writers else None, readers, decision)
+            return
+        if decision is None:
+            log_name = tm.log_participant
+            assert log_name is not None
+            log_branch = self.branches.get(log_name)
+            if log_branch is None:  # the log participant did no work: open its branch now
+                try:
+                    log_branch = yield from self.open_branch(log_name)
+                except (ParticipantUnavailable, psycopg.Error) as e:
+                    # Nothing is prepared yet: without the log, nothing can be decided.
+                    yield from self._abort(
+                        f"cannot reach the log participant {log_name!r} to decide: {e}", e
+                    )
+                assert log_branch is not None
+                log_branch.conn._txmgr_branch = None
+            to_prepare = [b for b in writers if b is not log_branch]
+            readers = [b for b in readers if b is not log_branch]
+            decision = Decision(tm, self.txid, log_branch.conn)
+            yield from decision.open([b.name for b in writers])
+        else:
+            yield from decision.open([b.name for b in branches])  # unless it already is
+            to_prepare = writers
+        yield from self._two_phase(decision, to_prepare, readers, patience)
+
+    def _check_usable(self, branches: list[Branch]) -> Step[None]:
+        for b in branches:
+            status = b.conn.info.transaction_status
+            if not b.conn.closed and status == TransactionStatus.IDLE:
+                yield from self._abort_manual(b)
+            if b.conn.closed or status != TransactionStatus.INTRANS:
+                why = (
+                    f"a statement failed and the branch is aborted; {FAILED_BRANCH_HINT}"
+                    if status == TransactionStatus.INERROR
+                    else "its connection is broken"
+                )
+                yield from self._abort(f"participant {b.name!r} cannot commit: {why}", None)
+
+    def _abort_manual(self, b: Branch) -> Step[NoReturn]:
+        """A branch's transaction was ended behind txmgr's back: say so honestly."""
+        yield from self._rollback_branches(self.branches.values())
+        self.state = TransactionState.ROLLED_BACK
+        raise ManualTransactionControl(
+            f"transaction {self.txid}: the branch of participant {b.name!r} was ended by hand "
+            "(COMMIT or ROLLBACK through a cursor txmgr does not guard, such as one "
+            "constructed directly with psycopg.ClientCursor(conn)); what it had done may "
+            f"be committed in {b.name!r}, every other branch was rolled back. Use "
+            "conn.execute() or conn.cursor(), and never end a branch by hand"
+        )
+
+    def _vote(self, job: Job) -> bool | Exception:
+        """True when the branch wrote (it has an xid); checks it is still our transaction."""
+        if job.error is not None:
+            return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
+        assert job.rows is not None
+        wrote, marker = job.rows[0]
+        if marker != self.txid:  # ended by hand, and a new transaction begun since
+            return _ManualEnd()
+        return wrote == "t"
+
+    def _commit_one_phase(
+        self, writer: Branch | None, readers: list[Branch], decision: Decision | None
+    ) -> Step[None]:
+        """Commit the only writer, then end the read-only branches (committed, so that
+        what they did — a NOTIFY — happens only if the writer committed)."""
+        try:
+            failpoints.fire("before_one_phase")
+        except Exception as fp_error:
+            if decision is not None:
+                yield from decision.cancel()
+            yield from self._abort(f"failpoint before_one_phase: {fp_error}", fp_error)
+        jobs = []
+        if decision is not None and decision.conn is not None:
+            jobs.append(Job(decision.conn, b"ROLLBACK"))  # L was not needed
+            decision.forget_later()
+        commit = Job(writer.conn, b"COMMIT") if writer is not None else None
+        if jobs or commit is not None:
+            yield Run([*jobs, commit] if commit is not None else jobs)
+        if commit is not None and commit.error is None and commit.tag != b"COMMIT":
+            commit.error = TransactionAborted(
+                f"participant {writer.name if writer else '?'!r}: its transaction had already "
+                f"failed, so COMMIT rolled it back (server answered {commit.tag!r}); "
+                + FAILED_BRANCH_HINT,
+                txid=self.txid,
+            )
+        if commit is not None and commit.error is not None:
+            assert writer is not None
+            e = commit.error
+            if isinstance(e, psycopg.OperationalError):
+                yield from self._rollback_branches(readers)
+                self.state = TransactionState.UNKNOWN
+                raise OutcomeUnknown(
+                    f"lost the connection to {writer.name!r} while it committed (one-phase "
+                    f"commit, the only participant that wrote): the commit may or may not "
+                    f"have happened; check the data in {writer.name!r}",
+                    txid=self.txid,
+                ) from e
+            # e.g. a deferred constraint failing at COMMIT: the server rolled it back
+            yield from self._abort(
+                with_hint(f"participant {writer.name!r} could not commit: {e}", e), e
+            )
+        if readers:
+            yield Run([Job(b.conn, b"COMMIT") for b in readers])
+        self.state = TransactionState.COMMITTED
+
+    def _two_phase(
+        self, decision: Decision, to_prepare: list[Branch], readers: list[Branch],
+        patience: float,
+    ) -> Step[None]:
+        """Prepare the writers, decide, commit them; the read-only branches end with
+        them (committed, so that their locks are held until the decision)."""
+        tm = self.tm
+        if decision.error is not None:
+            yield from decision.cancel()
+            e = decision.error
+            if isinstance(e, psycopg.errors.UndefinedTable):
+                yield from self._rollback_branches(self.branches.values())
+                self.state = TransactionState.ROLLED_BACK
+                raise LogSchemaError(
+                    "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
+                ) from None
+            yield from self._abort(f"could not open the decision in the log: {e}", e)
+        lxid = decision.lxid
+        logid = tm.known_logid()
+        for b in to_prepare:
+            b.gid = str(Gid(logid, self.txid, lxid, b.name))
+        try:
+            failpoints.fire("before_prepare")
+        except Exception as e:
+            yield from decision.cancel()
+            yield from self._abort(f"failpoint before_prepare: {e}", e)
+        jobs = [Job(b.conn, _command(b"PREPARE TRANSACTION ", b)) for b in to_prepare]
+        yield Run(jobs)
+        for b, job in zip(to_prepare, jobs, strict=True):
+            if job.error is None and job.tag != b"PREPARE TRANSACTION":
+                # The branch's transaction had failed: PREPARE rolled it back.
+                job.error = TransactionAborted(
+                    f"participant {b.name!r}: its transaction had already failed, so "
+                    f"PREPARE TRANSACTION rolled it back (server answered {job.tag!r}); "
+                    + FAILED_BRANCH_HINT,
+                    txid=self.txid,
+                )
+            # A lost connection may have prepared the branch or not: if it did,
+            # the decision (aborted below) makes recovery roll it back.
+            b.prepared = job.error is None
+        failed = [(b, j.error) for b, j in zip(to_prepare, jobs, strict=True) if j.error]
+        if not failed:
+            for b in to_prepare:
+                assert b.gid is not None
+                try:
+                    failpoints.fire("after_prepare")
+                    tm.hooks.after_prepare(self.txid, b.name, b.gid)
+                except Exception as e:
+                    failed.append((b, e))
+        if failed:
+            yield from decision.cancel()
+            b, err = failed[0]
+            yield from self._abort(
+                with_hint(f"participant {b.name!r} could not prepare (voted no): {err}", err), err
+            )
+        try:
+            failpoints.fire("before_decision")
+            tm.hooks.before_decision(self.txid, lxid)
+        except Exception as e:
+            yield from decision.cancel()
+            yield from self._abort(f"the before_decision hook failed: {e}", e)
+        yield from self._decide(decision, to_prepare, patience)
+        _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
+
+        def before(b: Branch) -> None:
+            assert b.gid is not None
+            failpoints.fire("before_commit_prepared")
+            tm.hooks.before_commit_prepared(self.txid, b.name, b.gid)
+
+        jobs = [
+            Job(b.conn, _command(b"COMMIT PREPARED ", b), before=partial(before, b))
+            for b in to_prepare
+        ]
+        yield Run([*jobs, *(Job(b.conn, b"COMMIT") for b in readers)])
+        pending = []
+        for b, job in zip(to_prepare, jobs, strict=True):
+            assert b.gid is not None
+            # "does not exist": recovery committed it. "busy" (55000) is NOT done:
+            # another session holds it right now, so the decision row must stay.
+            if job.error is None or isinstance(job.error, psycopg.errors.UndefinedObject):
+                b.prepared = False
+                _quiet_hook(_after_commit_prepared, tm.hooks, self.txid, b.name, b.gid)
+            else:
+                pending.append(b)
+                logger.warning(
+                    "txid=%s gid=%s participant=%s: COMMIT PREPARED did not finish, recovery "
+                    "will: %s", self.txid, b.gid, b.name, job.error,
+                )
+        if pending:
+            self.state = TransactionState.COMMITTED_PENDING
+        else:
+            _quiet_hook(failpoints.fire, "before_cleanup")
+            yield Forget([self.txid])
+            self.state = TransactionState.COMMITTED
+
+    def _decide(self, decision: Decision, prepared: list[Branch], patience: float) -> Step[None]:
+        """Commit the decision transaction; settle a lost reply by asking the log."""
+        conn = decision.conn
+        assert conn is not None
+        job = Job(conn, b"COMMIT")
+        yield Run([job])
+        if job.error is None and job.tag == b"COMMIT":
+            return
+        error: BaseException = job.error or TransactionAborted(
+            f"the decision transaction had failed: COMMIT answered {job.tag!r}", txid=self.txid
+        )
+        if isinstance(error, psycopg.OperationalError) or conn.closed or conn.broken:
+            # The COMMIT may or may not have happened (connection lost, the
+            # server ended an idle session or failed). The log knows.
+            gids = [(b.conn, b.gid) for b in prepared if b.gid is not None]
+            outcome = yield from decision.confirm(gids, patience)
+        else:  # the server refused the COMMIT (e.g. a deferred constraint): L rolled back
+            outcome = "aborted"
+        if outcome == "committed":
+            return
+        decision.forget_later()
+        if outcome == "aborted":
+            yield from self._abort(
+                f"the decision transaction in the log did not commit: {error}", error
+            )
+        self.state = TransactionState.UNKNOWN
+        if outcome == "finished":
+            raise OutcomeUnknown(
+                f"transaction {self.txid}: lost the log connection while committing the "
+                f"decision ({error}), and by the time the log answered, recovery had already "
+                "finished every branch: they are all committed or all rolled back, but the "
+                "log no longer tells which",
+                txid=self.txid,
+            ) from error
+        raise OutcomeUnknown(
+            f"transaction {self.txid}: lost the log connection while committing the decision "
+            f"and could not learn the outcome ({error}); it is committed on every participant "
+            "or on none, and `txmgr recover` or the daemon will finish it",
+            txid=self.txid,
+        ) from error
+
+    def _abort(self, message: str, cause: BaseException | None) -> Step[NoReturn]:
+        """Roll back every branch (prepared or not) and raise TransactionAborted."""
+        yield from self._rollback_branches(self.branches.values())
+        self.state = TransactionState.ROLLED_BACK
+        if isinstance(cause, TransactionAborted):
+            raise cause
+        raise TransactionAborted(
+            f"transaction {self.txid} rolled back, nothing was committed: {message}",
+            txid=self.txid,
+        ) from cause
+
+    def _rollback_branches(self, branches: Iterable[Branch]) -> Step[None]:
+        """Roll back (or ROLLBACK PREPARED) every branch in one round trip."""
+        branches = list(branches)
+        jobs = []
+        for b in branches:
+            b.conn._txmgr_branch = None
+            if b.prepared:
+                jobs.append(Job(b.conn, _command(b"ROLLBACK PREPARED ", b)))
+            elif not b.conn.closed and b.conn.info.transaction_status != TransactionStatus.IDLE:
+                jobs.append(Job(b.conn, b"ROLLBACK"))
+        if jobs:
+            yield Run(jobs)
+        for b in branches:
+            b.prepared = False
+        for job in jobs:
+            if job.error is not None and not _finished_elsewhere(job.error):
+                # The server rolls back a lost session on its own, recovery the rest.
+                logger.warning("txid=%s: rollback failed: %s", self.txid, job.error)
+
+    def _release_all(self) -> Step[None]:
+        branches = list(self.branches.values())
+        self.branches.clear()
+        for b in branches:
+            try:
+                yield Release(b.name, b.conn)
+            except Exception as e:  # one bad connection must not strand the others
+                logger.warning("participant=%s: could not return a connection: %s", b.name, e)
+
+
+_VOTE_QUERY = (
+    b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL, current_setting('txmgr.txid', true)"
+)
+
+
+_BEGIN = b"BEGIN; SELECT set_config('txmgr.txid', "
+
+
+def _command(command: bytes, b: Branch) -> bytes:
+    """``command`` followed by the branch's gid as a quoted literal."""
+    assert b.gid is not None
+    return command + literal(b.gid, b.conn)
+
+
+class _ManualEnd(Exception):
+    """A vote found the branch's transaction ended by hand."""
+
+
+def _quiet_hook(hook: Callable[..., None], *args: object) -> None:
+    """Run a hook after the decision: its failure must not change the outcome."""
+    try:
+        hook(*args)
+    except Exception as e:
+        logger.warning("hook %s failed after the decision: %s", hook.__name__, e)
+
+
+def _after_decision(hooks: Hooks, txid: str, lxid: int) -> None:
+    failpoints.fire("after_decision")
+    hooks.after_decision(txid, lxid)
+
+
+def _after_commit_prepared(hooks: Hooks, txid: str, participant: str, gid: str) -> None:
+    failpoints.fire("after_commit_prepared")
+    hooks.after_commit_prepared(txid, participant, gid)
+
+
+def _finished_elsewhere(error: BaseException) -> bool:
+    """*PREPARED failed because somebody else (recovery) finished or is finishing it."""
+    return isinstance(
+        error, psycopg.errors.UndefinedObject | psycopg.errors.ObjectNotInPrerequisiteState
+    )

@@ -1,0 +1,288 @@
+"""The acceptor in SQL: each rule of :class:`~txmgr.paxos._core.AcceptorRules` as one statement.
+
+A slot is a row of ``txmgr_paxos``; every change is a single conditional
+``INSERT``/``UPDATE``/``DELETE`` whose ``WHERE`` is the rule's condition, run in
+autocommit mode, so PostgreSQL's row lock (and its re-check of the condition
+on the newest row version, when two proposers race) makes it atomic:
+
+- register: ``INSERT … ON CONFLICT (txid) DO NOTHING`` — committed with
+  ``synchronous_commit = off`` (see the core's safety argument);
+- promise (phase 1, b): ``UPDATE … SET promised = b WHERE txid = T AND promised < b``;
+- accept (phase 2, b, v): ``UPDATE … SET promised = b, accepted = (b, v)
+  WHERE txid = T AND promised <= b``;
+- forget: ``DELETE … WHERE txid = ANY(…) [AND accepted_value IS DISTINCT FROM 'commit']``.
+
+Everything but registration commits with ``synchronous_commit = on`` before
+the reply. Every answer carries the acceptor's incarnation, read in the same
+statement, so a reply always names the state it came from. The slot in an
+"ok" answer is the row the change wrote (``RETURNING``: the values the rule
+saw under the row lock); in a "rejected" answer it is the row as the
+statement's snapshot saw it, which only informs the next ballot.
+
+The statements are prepared once per session (planning them cost more than
+running them) and executed through the simple protocol, every argument quoted
+by psycopg (``sql.Literal``), behind a ``SET LOCAL synchronous_commit``.
+"""
+
+from __future__ import annotations
+
+import selectors
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from txmgr._multiplex import Job, _collect, _events, _send_all
+from txmgr.paxos._core import ABORT, Reply, Request, Slot, Value
+
+__all__ = [
+    "PREPARE_ALL",
+    "Answer",
+    "accept_query",
+    "encode",
+    "forget_query",
+    "parse",
+    "prepare_query",
+    "query_for",
+    "read_query",
+    "register_query",
+    "run_quorum",
+    "scan_query",
+]
+
+# Every answer: one row per txid asked about, these columns.
+_SLOT = "txid, promised, accepted_ballot, accepted_value, participants, created_at"
+
+
+def _one(change: str, absent: str, *, before: str = "") -> str:
+    """A change of slot $1, answered ok (changed) / rejected (kept) / ``absent`` (none);
+    ``before``: another common table expression to run along."""
+    def col(c: str) -> str:
+        return f"CASE WHEN ch.txid IS NOT NULL THEN ch.{c} ELSE p.{c} END"
+
+    return (
+        f"WITH {before}ch AS ({change} RETURNING {_SLOT}) "
+        "SELECT a.incarnation, $1, CASE WHEN ch.txid IS NOT NULL THEN 'ok' "
+        f"WHEN p.txid IS NOT NULL THEN 'rejected' ELSE '{absent}' END, "
+        f"({col('promised')})::text, ({col('accepted_ballot')})::text, {col('accepted_value')}, "
+        f"array_to_string({col('participants')}, ','), "
+        f"extract(epoch FROM now() - {col('created_at')})::float8 "
+        # p: the slot as the snapshot saw it, read only when nothing changed
+        "FROM txmgr_paxos_acceptor a LEFT JOIN ch ON true "
+        "LEFT JOIN txmgr_paxos p ON p.txid = $1 AND ch.txid IS NULL"
+    )
+
+
+_ROWS = ("a.incarnation, s.txid, coalesce(s.status, 'gone'), s.promised::text, "
+         "s.accepted_ballot::text, s.accepted_value, array_to_string(s.participants, ','), "
+         "extract(epoch FROM now() - s.created_at)::float8")
+
+#: name -> (argument types, statement)
+STATEMENTS: dict[str, tuple[str, str]] = {
+    "txmgr_paxos_register": ("text", _one(
+        "INSERT INTO txmgr_paxos (txid) VALUES ($1) ON CONFLICT (txid) DO NOTHING",
+        "rejected")),
+    "txmgr_paxos_promise": ("text, bigint", _one(
+        "UPDATE txmgr_paxos SET promised = $2 WHERE txid = $1 AND promised < $2", "gone")),
+    # $5: finished transactions whose slots go in the same statement (the
+    # coordinator's cleanup rides on its next decision, like the default log's).
+    "txmgr_paxos_accept": ("text, bigint, text, text[], text[]", _one(
+        "UPDATE txmgr_paxos SET promised = $2, accepted_ballot = $2, accepted_value = $3, "
+        "participants = $4 WHERE txid = $1 AND promised <= $2", "gone",
+        before="gone AS (DELETE FROM txmgr_paxos WHERE txid = ANY($5) AND txid <> $1), ")),
+    "txmgr_paxos_forget": ("text[], boolean, float8", (
+        "WITH del AS (DELETE FROM txmgr_paxos WHERE txid = ANY($1) "
+        " AND (NOT $2 OR accepted_value IS DISTINCT FROM 'commit') "
+        " AND created_at <= now() - $3 * interval '1 second' RETURNING txid) "
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        " SELECT t.txid, CASE WHEN d.txid IS NOT NULL THEN 'ok' "
+        "  WHEN c.txid IS NOT NULL THEN 'rejected' END AS status, "
+        "  c.promised, c.accepted_ballot, c.accepted_value, c.participants, c.created_at "
+        " FROM unnest($1) AS t(txid) LEFT JOIN del d ON d.txid = t.txid "
+        " LEFT JOIN txmgr_paxos c ON c.txid = t.txid AND d.txid IS NULL) s"
+    )),
+    "txmgr_paxos_read": ("text[]", (
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        " SELECT t.txid, CASE WHEN p.txid IS NOT NULL THEN 'ok' END AS status, "
+        "  p.promised, p.accepted_ballot, p.accepted_value, p.participants, p.created_at "
+        " FROM unnest($1) AS t(txid) LEFT JOIN txmgr_paxos p ON p.txid = t.txid) s"
+    )),
+    "txmgr_paxos_scan": ("", (
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a LEFT JOIN ("
+        f" SELECT 'ok' AS status, {_SLOT} FROM txmgr_paxos) s ON true ORDER BY s.created_at"
+    )),
+}
+
+#: Prepares every statement, ahead of the first one a session executes.
+PREPARE_ALL = "".join(
+    f"PREPARE {name}{f'({types})' if types else ''} AS {text}; "
+    for name, (types, text) in STATEMENTS.items()
+).encode()
+
+# Sessions that have prepared the statements (the first query of each prepares them).
+_prepared: weakref.WeakKeyDictionary[psycopg.BaseConnection[Any], bool] = (
+    weakref.WeakKeyDictionary())
+_prepared_lock = threading.Lock()
+
+
+def _execute(name: str, *args: object, durable: bool = True) -> sql.Composed:
+    return sql.SQL("SET LOCAL synchronous_commit = {}; EXECUTE {}{}").format(
+        sql.SQL("on" if durable else "off"),
+        sql.Identifier(name),
+        sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, args))) if args
+        else sql.SQL(""),
+    )
+
+
+def encode(conn: psycopg.BaseConnection[Any], body: bytes) -> bytes:
+    """A query (composed for ``conn``) as sent on ``conn``: on its first use, behind the
+    PREPAREs. A session whose query failed is closed, so it never half-prepared."""
+    with _prepared_lock:
+        if conn in _prepared:
+            return body
+        _prepared[conn] = True
+    return PREPARE_ALL + body
+
+
+def register_query(txid: str) -> sql.Composed:
+    """Create T's slot (promised 0, nothing accepted) unless it exists.
+
+    Asynchronous commit: a registration lost in a crash only makes this
+    acceptor "gone" for T, and the first durable statement flushes it anyway.
+    """
+    return _execute("txmgr_paxos_register", txid, durable=False)
+
+
+def prepare_query(txid: str, ballot: int) -> sql.Composed:
+    """Phase 1: promise ``ballot`` if it is higher than any promise so far."""
+    return _execute("txmgr_paxos_promise", txid, ballot)
+
+
+def accept_query(
+    txid: str, ballot: int, value: Value, *, forget: Sequence[str] = ()
+) -> sql.Composed:
+    """Phase 2: accept ``value`` at ``ballot`` unless a higher ballot was promised;
+    ``forget``: finished transactions whose slots the same statement deletes."""
+    participants = list(value.participants) if value.kind == "commit" else None
+    return _execute("txmgr_paxos_accept", txid, ballot, value.kind, participants, list(forget))
+
+
+def forget_query(
+    txids: Sequence[str], *, keep_commit: bool, min_age: float = 0.0
+) -> sql.Composed:
+    """Delete the slots of ``txids`` (with ``keep_commit``: not those holding a commit;
+    with ``min_age``: only those created at least that many seconds ago)."""
+    return _execute("txmgr_paxos_forget", list(txids), keep_commit, float(min_age))
+
+
+def read_query(txids: Sequence[str]) -> sql.Composed:
+    """The slots of ``txids`` (``gone`` where there is none); changes nothing."""
+    return _execute("txmgr_paxos_read", list(txids))
+
+
+def scan_query() -> sql.Composed:
+    """Every slot of this acceptor (one row with a NULL txid when there is none)."""
+    return _execute("txmgr_paxos_scan")
+
+
+def query_for(request: Request, *, forget: Sequence[str] = ()) -> sql.Composed:
+    """The statement for one proposer request (see :class:`~txmgr.paxos._core.Request`)."""
+    if request.op == "read":
+        return read_query([request.txid])
+    if request.op == "prepare":
+        return prepare_query(request.txid, request.ballot)
+    if request.op == "accept":
+        assert request.value is not None
+        return accept_query(request.txid, request.ballot, request.value, forget=forget)
+    if request.op == "forget":
+        return forget_query([request.txid], keep_commit=request.keep_commit)
+    raise ValueError(f"no statement for a {request.op!r} request")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One acceptor's answer: its incarnation, and per txid the reply and the slot's age."""
+
+    incarnation: str
+    replies: dict[str, Reply]
+    ages: dict[str, float]
+
+
+def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
+    """Turn the rows of any query above into an :class:`Answer`."""
+    if not rows:
+        raise ValueError("the acceptor returned no row: its txmgr_paxos_acceptor row is missing")
+    incarnation = rows[0][0]
+    if incarnation is None:
+        raise ValueError("the acceptor has no incarnation")
+    replies: dict[str, Reply] = {}
+    ages: dict[str, float] = {}
+    for _, txid, status, promised, ab, av, parts, age in rows:
+        if txid is None:  # scan of an empty table
+            continue
+        slot = None
+        if promised is not None:
+            value = None
+            if av is not None:
+                value = Value("commit", tuple((parts or "").split(","))) if av == "commit" \
+                    else ABORT
+            slot = Slot(int(promised), int(ab) if ab is not None else None, value)
+            ages[txid] = float(age) if age is not None else 0.0
+        if status == "ok":
+            replies[txid] = Reply("ok", slot)  # no slot: a forget deleted it
+        elif status == "rejected":
+            replies[txid] = Reply("rejected", slot)
+        elif status == "gone":
+            replies[txid] = Reply("gone")
+        else:
+            raise ValueError(f"unexpected acceptor status {status!r}")
+    return Answer(incarnation, replies, ages)
+
+
+def run_quorum(
+    jobs: Sequence[Job],
+    *,
+    enough: Callable[[Sequence[Job]], bool],
+    linger: float,
+    timeout: float,
+) -> list[Job]:
+    """Like :func:`txmgr._multiplex.run_all`, but without waiting for stragglers.
+
+    Once ``enough(finished jobs)`` holds, the others get at most ``linger``
+    seconds more; after ``timeout`` seconds nobody is waited for. Returns the
+    jobs still unanswered: their connections have a query in flight, to be read
+    later (:class:`~txmgr.paxos._links.Collector`) or closed, never reused as
+    they are. (The protocol is safe against statements that land late.)
+    """
+    start = time.monotonic()
+    pending = _send_all(jobs)
+    done = [j for j in jobs if j.error is not None]
+    deadline = start + timeout
+    settled = False
+    with selectors.DefaultSelector() as sel:
+        for fd, job in pending.items():
+            sel.register(fd, _events(job))
+        while pending:
+            for fd, job in list(pending.items()):
+                flushing = job.flushing
+                if _collect(job):
+                    del pending[fd]
+                    sel.unregister(fd)
+                    done.append(job)
+                elif job.flushing != flushing:
+                    sel.modify(fd, _events(job))
+            if not pending:
+                break
+            now = time.monotonic()
+            if not settled and enough(done):
+                settled = True
+                deadline = min(deadline, now + linger)
+            if now >= deadline:
+                break
+            sel.select(deadline - now)
+    return list(pending.values())

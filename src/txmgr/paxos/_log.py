@@ -1,0 +1,368 @@
+"""``PaxosLog``: the decision log of Paxos mode, over N acceptor databases.
+
+It drives the proposer generators of :mod:`txmgr.paxos._core` with the
+statements of :mod:`txmgr.paxos._acceptor`. Call order for one transaction:
+
+1. ``voters = log.begin(txid)`` — registration, before any PREPARE (or
+   ``log.registration(txid)``, to send it in the round trip of the votes);
+   raises :class:`LogQuorumUnavailable` when fewer than a majority answer:
+   nothing was prepared, the transaction just aborts. The gids carry the
+   voters: ``paxos_gid(txid, voters, participant)``.
+2. ``log.propose_commit(txid, voters, participants)`` — once every branch is
+   prepared: ballot 0 (one round), and only if that is not enough, phases 1
+   and 2; returns the :class:`~txmgr.paxos._core.Outcome`.
+3. ``log.forget([txid])`` once every branch is finished — or ``forget=`` on
+   the next ``propose_commit``, which deletes them in the same statement.
+
+Recovery (any process, any number of them): ``log.learn({txid: voters})``
+reads what is decided; ``log.recover(txid, voters)`` decides what nobody did;
+``log.slots()`` shows every slot, for ``txmgr status`` and for cleanup.
+
+Rounds move on once a quorum answered (:mod:`txmgr.paxos._links` explains
+why and what happens to the slower acceptors).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+
+from txmgr._dsn import mask, redact
+from txmgr.errors import ConfigError, LogSchemaError, ParticipantUnavailable
+from txmgr.participant import connect
+from txmgr.paxos._acceptor import (
+    Answer,
+    forget_query,
+    query_for,
+    read_query,
+    run_quorum,
+    scan_query,
+)
+from txmgr.paxos._core import (
+    MAX_ACCEPTORS,
+    Outcome,
+    Proposer,
+    Reply,
+    Slot,
+    Steps,
+    Value,
+    Voters,
+    quorum_of,
+    settled,
+)
+from txmgr.paxos._errors import LogQuorumUnavailable
+from txmgr.paxos._gid import PaxosGid
+from txmgr.paxos._links import AcceptorLink, Collector
+from txmgr.paxos._round import (
+    Registration,
+    by_incarnation,
+    reply_of,
+    run_round,
+    straggler_done,
+)
+from txmgr.paxos._schema import read_incarnation
+
+__all__ = ["AcceptorStatus", "ForgetReport", "PaxosLog", "paxos_gid"]
+
+logger = logging.getLogger("txmgr.paxos")
+
+
+def paxos_gid(txid: str, voters: Voters, participant: str) -> str:
+    """The gid of ``participant``'s branch of ``txid``."""
+    return str(PaxosGid(txid, voters, participant))
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptorStatus:
+    """What one log database holds (``txmgr status`` shows it per in-doubt transaction)."""
+
+    dsn: str  # masked
+    incarnation: str | None
+    error: str | None
+    slots: dict[str, Slot] = field(default_factory=dict)
+    ages: dict[str, float] = field(default_factory=dict)  # seconds since registration
+
+
+@dataclass(slots=True)
+class ForgetReport:
+    """The result of :meth:`PaxosLog.forget`."""
+
+    deleted: dict[str, int] = field(default_factory=dict)  # txid -> acceptors that deleted it
+    kept: set[str] = field(default_factory=set)  # held a commit somewhere (keep_commit)
+    unreachable: list[str] = field(default_factory=list)  # masked DSNs
+
+
+class PaxosLog:
+    """The decision log of Paxos mode: a majority of ``dsns`` decides each transaction.
+
+    ``dsns``: an odd number (3 to 9) of log databases, each migrated with
+    ``txmgr migrate``; they may live on separate servers, or inside participant
+    databases. Thread-safe: one instance serves every transaction of a manager.
+
+    - ``proposer_id``: this process's part of its ballots (random by default;
+      two processes drawing the same one is harmless, see the core);
+    - ``linger``: seconds a registration, read or promise round waits, once a
+      quorum answered, for the other acceptors (every extra voter is a log
+      database more the transaction survives losing); the commit round never
+      waits beyond its quorum;
+    - ``round_timeout``: seconds after which an unanswered statement is given
+      up (default ``connect_timeout``).
+    """
+
+    def __init__(
+        self,
+        dsns: Sequence[str],
+        *,
+        connect_timeout: float = 10.0,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        proposer_id: int | None = None,
+        linger: float = 0.05,
+        round_timeout: float | None = None,
+    ) -> None:
+        dsns = list(dsns)
+        if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
+                len(dsns) > MAX_ACCEPTORS:
+            raise ConfigError(
+                f"a Paxos log needs an odd number of log databases from 3 to {MAX_ACCEPTORS} "
+                f"(a majority decides; 3 survive one failure, 5 two), not {len(dsns)}: "
+                "set [log] dsns = [\"postgresql://…\", …]"
+            )
+        for i, dsn in enumerate(dsns):
+            if not isinstance(dsn, str) or not dsn.strip():
+                raise ConfigError(
+                    f"Paxos log database #{i + 1}: the DSN must be a non-empty string")
+            try:
+                psycopg.conninfo.conninfo_to_dict(dsn)
+            except psycopg.ProgrammingError:
+                raise ConfigError(
+                    f"Paxos log database #{i + 1}: cannot parse the DSN {mask(dsn)!r}: give a "
+                    "URL such as 'postgresql://user@host/txlog' or key=value pairs"
+                ) from None
+        if len(set(dsns)) != len(dsns):
+            raise ConfigError("the same Paxos log database is listed twice: every DSN must "
+                              "name a different database, or a majority means nothing")
+        self.dsns = tuple(dsns)
+        self.connect_timeout = connect_timeout
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.linger = linger
+        self.round_timeout = round_timeout if round_timeout is not None else connect_timeout
+        self.links = [AcceptorLink(d, connect_timeout=connect_timeout, min_size=pool_min_size,
+                                   max_size=pool_max_size) for d in dsns]
+        self.collector = Collector(timeout=self.round_timeout, done=straggler_done)
+        self.proposer = Proposer(proposer_id if proposer_id is not None else secrets.randbits(32))
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PaxosLog([{', '.join(repr(mask(d)) for d in self.dsns)}])"
+
+    @property
+    def quorum(self) -> int:
+        """How many log databases make a majority."""
+        return quorum_of(len(self.dsns))
+
+    # -- identity -----------------------------------------------------------------
+
+    def check(self) -> dict[str, str]:
+        """Connect to every log database now; their incarnations by masked DSN.
+
+        Raises LogSchemaError if one lacks the tables, ConfigError if two DSNs
+        reach the same database, LogQuorumUnavailable if fewer than a majority
+        answer. One database down is reported in the log, not raised.
+        """
+        found: dict[str, str] = {}
+        problems: list[str] = []
+        schema: list[LogSchemaError] = []
+        for acc in self.links:
+            try:
+                with connect(acc.dsn, "log", connect_timeout=self.connect_timeout,
+                             autocommit=True) as conn:
+                    found[acc.dsn] = read_incarnation(conn, acc.dsn)
+            except LogSchemaError as e:
+                schema.append(e)
+                problems.append(str(e))
+            except (psycopg.Error, ParticipantUnavailable) as e:
+                problems.append(f"{mask(acc.dsn)}: {redact(str(e))}")
+        by_inc: dict[str, str] = {}
+        for dsn, inc in found.items():
+            if inc in by_inc:
+                raise ConfigError(
+                    f"Paxos log databases {mask(by_inc[inc])} and {mask(dsn)} are the same "
+                    f"database (incarnation {inc}): list each log database once"
+                )
+            by_inc[inc] = dsn
+        if len(found) < self.quorum:
+            if schema:
+                raise LogSchemaError("; ".join(problems))
+            raise LogQuorumUnavailable(
+                f"only {len(found)} of {len(self.dsns)} Paxos log databases answered, "
+                f"{self.quorum} are needed: " + "; ".join(problems),
+                answered=len(found), needed=self.quorum, problems=problems,
+            )
+        for p in problems:
+            logger.warning("Paxos log database unavailable: %s", p)
+        return {mask(d): inc for d, inc in found.items()}
+
+    # -- the coordinator ------------------------------------------------------------
+
+    def begin(self, txid: str) -> Voters:
+        """Register ``txid`` on the log databases; its voters (for the gids).
+
+        Raises LogQuorumUnavailable when fewer than a majority registered it:
+        then nothing may be prepared (the transaction aborts). Never retried:
+        a registration must reach each database at most once.
+        """
+        reg = self.registration(txid)
+        # Wait a little for the acceptors beyond the quorum: every voter more is
+        # one more log database the transaction survives losing.
+        unanswered = run_quorum(reg.jobs, enough=reg.enough, linger=self.linger,
+                                timeout=self.round_timeout)
+        return reg.finish(unanswered)
+
+    def registration(self, txid: str) -> Registration:
+        """:meth:`begin` in pieces, for a coordinator that sends the registration in
+        the same round trip as its votes (see :class:`Registration`)."""
+        self._check_open()
+        return Registration(self, txid)
+
+    def propose_commit(
+        self, txid: str, voters: Voters, participants: Iterable[str], *,
+        forget: Sequence[str] = (),
+    ) -> Outcome:
+        """Ballot 0 with ``commit`` (every branch is prepared), then learn if needed.
+
+        ``forget``: finished transactions deleted by the same statement.
+        """
+        steps = self.proposer.commit(txid, voters, Value.commit(participants))
+        return self._drive(steps, voters, forget=forget)
+
+    # -- recovery and learners --------------------------------------------------------
+
+    def learn(self, transactions: Mapping[str, Voters]) -> dict[str, Outcome]:
+        """What is already decided for each txid (one read of every acceptor, no write)."""
+        self._check_open()
+        if not transactions:
+            return {}
+        results = run_round(self, read_query(sorted(transactions)), enough=_everyone)
+        out: dict[str, Outcome] = {}
+        for txid, voters in transactions.items():
+            replies = by_incarnation(results, txid)
+            out[txid] = settled(voters, replies) or Outcome(
+                "undecided", detail=_undecided_detail(voters, replies))
+        return out
+
+    def recover(self, txid: str, voters: Voters, *, preempt: bool = True) -> Outcome:
+        """Learn ``txid``'s outcome; with ``preempt``, decide it if nobody has (the
+        coordinator's ballot 0 is then refused, and it learns the outcome too)."""
+        return self._drive(self.proposer.recover(txid, voters, preempt=preempt), voters)
+
+    def forget(
+        self, txids: Sequence[str], *, keep_commit: bool = False, min_age: float = 0.0
+    ) -> ForgetReport:
+        """Delete the slots of finished transactions on every log database that answers.
+
+        Only for transactions whose every branch is finished (or, with
+        ``keep_commit``, slots holding no commit: those may go at any time).
+        """
+        self._check_open()
+        report = ForgetReport()
+        if not txids:
+            return report
+        results = run_round(self, forget_query(list(txids), keep_commit=keep_commit,
+                                               min_age=min_age), enough=_everyone)
+        for acc, r in results:
+            if isinstance(r, str):
+                report.unreachable.append(mask(acc.dsn))
+                continue
+            for txid, reply in r.replies.items():
+                if reply.status == "ok":
+                    report.deleted[txid] = report.deleted.get(txid, 0) + 1
+                elif reply.status == "rejected":
+                    report.kept.add(txid)
+        reached = {a for a, _ in results}
+        report.unreachable += [mask(a.dsn) for a in self.links if a not in reached]
+        return report
+
+    def slots(self, txids: Sequence[str] | None = None) -> list[AcceptorStatus]:
+        """Every slot (or those of ``txids``) on every log database, in DSN order."""
+        self._check_open()
+        query = scan_query() if txids is None else read_query(list(txids))
+        results = dict(run_round(self, query, enough=_everyone, everyone=True))
+        out = []
+        for acc in self.links:
+            r = results.get(acc)
+            if r is None:
+                out.append(AcceptorStatus(mask(acc.dsn), acc.incarnation,
+                                          acc.last_error or "not contacted"))
+            elif isinstance(r, str):
+                out.append(AcceptorStatus(mask(acc.dsn), acc.incarnation, r))
+            else:
+                found = {t: rep.slot for t, rep in r.replies.items() if rep.slot is not None}
+                out.append(AcceptorStatus(mask(acc.dsn), r.incarnation, None, found, r.ages))
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this PaxosLog is closed: create a new one")
+
+    def close(self) -> None:
+        """Close every pool; statements still in flight are abandoned."""
+        self._closed = True
+        self.collector.close()
+        for link in self.links:
+            link.close()
+
+    def __enter__(self) -> PaxosLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- I/O ----------------------------------------------------------------------------
+
+    def _drive(self, steps: Steps, voters: Voters, *, forget: Sequence[str] = ()) -> Outcome:
+        q = voters.quorum
+        try:
+            request = next(steps)
+            while True:
+                if request.op == "pause":
+                    time.sleep(random.uniform(0.0, 0.02))  # let a dueling proposer finish
+                    replies: dict[str, Reply] = {}
+                else:
+                    query = query_for(request, forget=forget if request.op == "accept" else ())
+                    forget = ()  # rides on the first accept only
+                    txid = request.txid
+
+                    def enough(answers: list[Answer], txid: str = txid) -> bool:
+                        return sum(1 for a in answers if a.incarnation in voters
+                                   and reply_of(a, txid).status == "ok") >= q
+
+                    self._check_open()
+                    # Reads and promises wait a moment for every voter: a commit
+                    # accepted by one of them is then finished rather than aborted.
+                    linger = 0.0 if request.op == "accept" else self.linger
+                    replies = by_incarnation(
+                        run_round(self, query, enough=enough, linger=linger), txid)
+                request = steps.send(replies)
+        except StopIteration as stop:
+            outcome: Outcome = stop.value
+            return outcome
+
+
+def _everyone(answers: list[Answer]) -> bool:
+    return False  # wait for every acceptor asked (within the round timeout)
+
+
+def _undecided_detail(voters: Voters, replies: Mapping[str, Reply]) -> str:
+    answered = sum(1 for inc in replies if inc in voters)
+    if answered < voters.quorum:
+        return (f"only {answered} of its {len(voters)} log databases answered, "
+                f"{voters.quorum} are needed")
+    return "not decided yet"

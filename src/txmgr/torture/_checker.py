@@ -1,0 +1,292 @@
+"""The torture checker: what must hold once recovery has finished.
+
+- **money**: the total balance is what the bank started with, no balance is
+  negative, and every account's balance is its start plus its ledger rows;
+- **atomicity**: every transfer id has both ledger rows (a debit and the
+  credit of the same amount, in two participants) or neither;
+- **durability**: every acknowledged transfer has both rows;
+- **aborts**: no transfer reported aborted has a row, and no row belongs to
+  a transfer nobody attempted;
+- **errors**: ``commit()`` raised nothing but ``TransactionAborted`` (then
+  nothing may be committed) or ``OutcomeUnknown``;
+- **leftovers**: no prepared transaction on any server, no decision row;
+- **secrets**: the DSN password appears in no scanned file or log table.
+
+Reading the state (:func:`read_bank`, :func:`read_leftovers`,
+:func:`read_log_text`, :func:`scan_for_secret`) is apart from judging it
+(:func:`check`), so a test can plant a violation and see it reported.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from txmgr.torture._records import Records
+
+__all__ = [
+    "KNOWN_ISSUES",
+    "BankState",
+    "CheckReport",
+    "Leftovers",
+    "SecretScan",
+    "Violation",
+    "check",
+    "read_bank",
+    "read_leftovers",
+    "read_log_text",
+    "sample_log_tables",
+    "scan_for_secret",
+]
+
+_SHOW = 10  # examples kept per violation kind
+
+#: Contract breaches already found, in code whose owners are changing it: each
+#: is reported apart, not as a violation, while its transfers stay rolled
+#: back, until the strict-xfail regression test named here passes.
+# Errors a known, not yet fixed txmgr bug raises, keyed "unexpected:<error>",
+# with the test that reproduces it. Reported apart from violations only when
+# the transfers involved left no rows. Empty: the last one
+# (test_unreachable_log_participant_aborts_the_commit) is fixed.
+KNOWN_ISSUES: dict[str, str] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    # money, negative, ledger, atomicity, durability, aborted_committed, phantom,
+    # untyped_error, secret
+    kind: str
+    detail: str
+
+
+@dataclass
+class BankState:
+    """Balances and ledger rows of every participant."""
+
+    balances: dict[str, dict[int, int]]  # participant -> account -> balance
+    ledger: dict[str, list[tuple[str, int, int]]]  # participant -> (transfer id, account, delta)
+
+
+@dataclass
+class Leftovers:
+    prepared: list[str] = field(default_factory=list)  # "server/database/gid"
+    decisions: list[str] = field(default_factory=list)  # txids of decision rows
+
+    @property
+    def count(self) -> int:
+        return len(self.prepared) + len(self.decisions)
+
+
+@dataclass
+class SecretScan:
+    files: int = 0
+    bytes: int = 0
+    hits: list[str] = field(default_factory=list)  # where the secret was found
+
+
+@dataclass
+class CheckReport:
+    """The verdict; ``ok`` only with no violation and no leftover."""
+
+    violations: list[Violation]
+    leftovers: Leftovers
+    attempted: int
+    acked: int
+    aborted: int
+    unknown: int
+    unknown_committed: int  # unknown outcomes that turned out committed
+    committed: int  # transfers with both rows
+    scan: SecretScan
+    errors: dict[str, int] = field(default_factory=dict)  # error type -> transfers it ended
+    known_issues: dict[str, int] = field(default_factory=dict)  # see KNOWN_ISSUES
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and self.leftovers.count == 0
+
+    def violation_counts(self) -> dict[str, int]:
+        return dict(Counter(v.kind for v in self.violations))
+
+    def as_dict(self) -> dict[str, Any]:
+        shown: dict[str, list[str]] = defaultdict(list)
+        for v in self.violations:
+            if len(shown[v.kind]) < _SHOW:
+                shown[v.kind].append(v.detail)
+        return {
+            "ok": self.ok,
+            "violations": self.violation_counts(),
+            "violation_examples": dict(shown),
+            "leftovers": {"prepared": self.leftovers.prepared,
+                          "decision_rows": self.leftovers.decisions},
+            "transfers": {"attempted": self.attempted, "acked": self.acked,
+                          "aborted": self.aborted, "unknown": self.unknown,
+                          "unknown_committed": self.unknown_committed,
+                          "committed": self.committed, "errors": self.errors},
+            "known_issues": self.known_issues,
+            "secret_scan": {"files": self.scan.files, "bytes": self.scan.bytes,
+                            "hits": self.scan.hits},
+        }
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def _rows(dsn: str, query: str | sql.Composed) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        return conn.execute(query.encode() if isinstance(query, str) else query).fetchall()
+
+
+def read_bank(dsns: Mapping[str, str]) -> BankState:
+    """Balances and ledgers, straight from each participant (no proxy, no txmgr)."""
+    balances = {name: {int(a): int(b) for a, b in _rows(dsn, "SELECT id, balance FROM accounts")}
+                for name, dsn in dsns.items()}
+    ledger = {
+        name: [(str(t), int(a), int(d))
+               for t, a, d in _rows(dsn, "SELECT transfer_id, account, delta FROM ledger")]
+        for name, dsn in dsns.items()
+    }
+    return BankState(balances, ledger)
+
+
+def read_leftovers(server_dsns: Mapping[str, str], log_dsn: str) -> Leftovers:
+    """Every prepared transaction on every server (any database), and the decision rows."""
+    left = Leftovers()
+    for server, dsn in server_dsns.items():
+        for db, gid in _rows(dsn, "SELECT database, gid FROM pg_prepared_xacts ORDER BY 1, 2"):
+            left.prepared.append(f"{server}/{db}/{gid}")
+    left.decisions = [str(r[0]) for r in _rows(log_dsn, "SELECT txid FROM txmgr_decision")]
+    return left
+
+
+def read_log_text(log_dsn: str) -> str:
+    """The decision log's tables as text, for the secret scan."""
+    out = []
+    for table in ("txmgr_decision", "txmgr_resolution_audit", "txmgr_log_meta"):
+        query = sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(sql.Identifier(table))
+        out += [str(r[0]) for r in _rows(log_dsn, query)]
+    return "\n".join(out)
+
+
+def sample_log_tables(log_dsn: str, out: Path, stop: threading.Event, every: float) -> int:
+    """Append the decision log's rows to ``out`` every ``every`` seconds until
+    ``stop``: after cleanup the table is empty, so the secret scan needs samples
+    taken while decisions were in flight. Returns how many rows were sampled."""
+    rows = 0
+    with out.open("a", encoding="utf-8") as f:
+        while not stop.wait(every):
+            try:
+                text = read_log_text(log_dsn)
+            except psycopg.Error:
+                continue  # the nemesis has the log server down right now
+            f.write(text + "\n")
+            rows += text.count("\n") + 1
+    return rows
+
+
+def scan_for_secret(
+    secret: str, files: Iterable[Path], texts: Mapping[str, str] | None = None
+) -> SecretScan:
+    """Look for ``secret`` in every file (missing ones are skipped) and named text."""
+    if len(secret) < 8:
+        raise ValueError("the secret to scan for must be at least 8 characters long")
+    scan = SecretScan()
+    needle = secret.encode()
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        scan.files += 1
+        scan.bytes += len(data)
+        if needle in data:
+            line = data[: data.index(needle)].count(b"\n") + 1
+            scan.hits.append(f"{path.name}:{line}")
+    for name, text in (texts or {}).items():
+        scan.bytes += len(text)
+        if secret in text:
+            scan.hits.append(name)
+    return scan
+
+
+# -- judging ------------------------------------------------------------------
+
+
+def check(
+    state: BankState,
+    records: Records,
+    leftovers: Leftovers,
+    scan: SecretScan,
+    *,
+    accounts: int,
+    start_balance: int,
+) -> CheckReport:
+    """Judge the final state against what the clients were told."""
+    violations: list[Violation] = []
+    expected_total = len(state.balances) * accounts * start_balance
+    total = sum(sum(b.values()) for b in state.balances.values())
+    if total != expected_total:
+        violations.append(Violation("money", f"total balance {total} != {expected_total}"))
+    per_account: dict[tuple[str, int], int] = defaultdict(int)
+    by_transfer: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    for name, rows in state.ledger.items():
+        for tid, account, delta in rows:
+            per_account[(name, account)] += delta
+            by_transfer[tid].append((name, account, delta))
+    for name, balances in state.balances.items():
+        if len(balances) != accounts:
+            violations.append(Violation("ledger", f"{name}: {len(balances)} accounts, "
+                                                  f"expected {accounts}"))
+        for account, balance in sorted(balances.items()):
+            if balance < 0:
+                violations.append(Violation("negative", f"{name} account {account}: {balance}"))
+            expected = start_balance + per_account.get((name, account), 0)
+            if balance != expected:
+                violations.append(Violation(
+                    "ledger", f"{name} account {account}: balance {balance}, ledger says "
+                              f"{expected}"))
+    committed = set()
+    for tid, rows in sorted(by_transfer.items()):
+        deltas = sorted(d for _, _, d in rows)
+        if len(rows) == 2 and rows[0][0] != rows[1][0] and deltas[0] < 0 and sum(deltas) == 0:
+            committed.add(tid)
+        else:
+            violations.append(Violation("atomicity", f"transfer {tid}: rows {rows}"))
+        if tid not in records.attempted:
+            violations.append(Violation("phantom", f"transfer {tid} was never attempted"))
+        if tid in records.aborted:
+            violations.append(Violation(
+                "aborted_committed", f"transfer {tid} reported {records.aborted[tid]} but "
+                                     f"has rows {rows}"))
+    for tid in sorted(records.acked - committed):
+        violations.append(Violation(
+            "durability", f"acknowledged transfer {tid} has rows {by_transfer.get(tid, [])}"))
+    known: Counter[str] = Counter()
+    for tid, error in sorted(records.unknown.items()):
+        if error in KNOWN_ISSUES and tid not in by_transfer:
+            known[error] += 1
+        elif error.startswith("unexpected:"):
+            violations.append(Violation(
+                "untyped_error", f"commit() of transfer {tid} raised {error[11:]}, neither "
+                                 "TransactionAborted nor OutcomeUnknown"))
+    for where in scan.hits:
+        violations.append(Violation("secret", f"the DSN password appears in {where}"))
+    return CheckReport(
+        violations=violations,
+        leftovers=leftovers,
+        attempted=len(records.attempted),
+        acked=len(records.acked),
+        aborted=len(records.aborted),
+        unknown=len(records.unknown),
+        unknown_committed=len(committed & records.unknown.keys()),
+        committed=len(committed),
+        scan=scan,
+        errors=dict(records.errors.most_common()),
+        known_issues=dict(known),
+    )

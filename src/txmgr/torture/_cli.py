@@ -1,0 +1,102 @@
+"""Command-line options of the torture test, shared by ``python -m txmgr.torture``
+and ``txmgr torture``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from txmgr.torture._kinds import KINDS
+
+__all__ = ["torture_main", "torture_options"]
+
+
+def torture_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of the torture command, applied to a click command function."""
+    for option in reversed([
+        click.option("--minutes", type=click.FloatRange(min=0), default=None,
+                     help="Minutes of faults (added to --seconds)."),
+        click.option("--seconds", type=click.FloatRange(min=0), default=None,
+                     help="Seconds of faults (default 60 when neither is given)."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed of the fault schedule (default: random, printed)."),
+        click.option("--clients", type=click.IntRange(1, 32), default=4, show_default=True,
+                     help="Client processes running transfers."),
+        click.option("--participants", type=click.Choice(["2", "3"]), default="2",
+                     show_default=True, help="Participant servers."),
+        click.option("--log", "log_mode", type=click.Choice(["dedicated", "participant"]),
+                     default="dedicated", show_default=True,
+                     help="Decision log on a server of its own, or inside a participant."),
+        click.option("--daemons", type=click.IntRange(1, 4), default=2, show_default=True,
+                     help="Recovery daemons (one active, the others standby)."),
+        click.option("--kinds", default=",".join(KINDS), show_default=False,
+                     help="Comma-separated fault kinds (default: all)."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="Also write the report as JSON to this file."),
+        click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, help="Keep logs and records here (default: a temporary "
+                                        "directory, removed after a clean run)."),
+    ]):  # fmt: skip
+        fn = option(fn)
+    return fn
+
+
+def run_from_options(
+    minutes: float | None,
+    seconds: float | None,
+    seed: int | None,
+    clients: int,
+    participants: str,
+    log_mode: str,
+    daemons: int,
+    kinds: str,
+    json_path: Path | None,
+    workdir: Path | None,
+) -> int:
+    """Run the torture test; the exit status: 0 passed, 1 failed."""
+    from txmgr.torture._report import TortureOptions
+    from txmgr.torture._run import run_torture  # the harness: only now
+
+    total = (minutes or 0.0) * 60 + (seconds or 0.0)
+    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
+    unknown = sorted(set(chosen) - set(KINDS))
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown fault kinds {unknown}; choose from "
+                                 f"{', '.join(KINDS)}", param_hint="--kinds")
+    options = TortureOptions(
+        seconds=total or 60.0,
+        seed=seed,
+        clients=clients,
+        participants=int(participants),
+        log="participant" if log_mode == "participant" else "dedicated",
+        daemons=daemons,
+        kinds=chosen,
+        workdir=workdir,
+        keep=workdir is not None,
+    )
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    report = run_torture(options, echo=lambda line: click.echo(line, err=True))
+    click.echo(report.text())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    return 0 if report.ok else 1
+
+
+@click.command("torture")
+@torture_options
+def _command(**kwargs: Any) -> None:
+    raise SystemExit(run_from_options(**kwargs))
+
+
+def torture_main() -> int:
+    """``python -m txmgr.torture``."""
+    try:
+        _command.main(prog_name="python -m txmgr.torture", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

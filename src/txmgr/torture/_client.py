@@ -1,0 +1,168 @@
+"""A torture client: a process that runs bank transfers through txmgr until told to stop.
+
+Run by the torture harness as ``python -m txmgr.torture.client SPEC --slot N
+--incarnation I --seed S --records FILE [--max-transfers K]``. SPEC is a JSON
+file: ``participants`` (name -> DSN), ``log``, ``accounts``,
+``log_idle_timeout``, ``connect_timeout``. The harness arms failpoints through
+``TXMGR_FAILPOINTS`` and may SIGKILL the process at any moment.
+
+Every transfer is recorded (:mod:`txmgr.torture._records`) before it starts
+and once its outcome is known. SIGTERM ends the loop after the current
+transfer. Errors go to stderr — through plain :mod:`logging`, with no
+redaction of ours — exactly as an application would print them, so the
+harness can scan them for passwords.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import TypedDict
+
+from txmgr import failpoints
+from txmgr.errors import OutcomeUnknown, TransactionAborted
+from txmgr.manager import TransactionManager
+from txmgr.torture._records import RecordWriter
+from txmgr.torture._workload import Transfer, plan_transfer, run_transfer_body
+
+__all__ = ["ClientSpec", "main", "run"]
+
+logger = logging.getLogger("txmgr.torture.client")
+
+
+def _describe(e: BaseException) -> str:
+    """The error and its causes, one line: what an application would log."""
+    parts: list[str] = []
+    seen: BaseException | None = e
+    while seen is not None and len(parts) < 5:
+        parts.append(f"{type(seen).__name__}: {str(seen).strip()}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
+def _transfer(tm: TransactionManager, t: Transfer, out: RecordWriter) -> str:
+    """Run one transfer; record and return its outcome letter (K, X or U)."""
+    tid = t.transfer_id
+    try:
+        tx = tm.transaction()
+    except Exception as e:  # the log could not be read: nothing began
+        out.write("A", tid, "-")
+        out.write("X", tid, type(e).__name__)
+        logger.warning("%s: not started: %s", tid, _describe(e))
+        return "X"
+    out.write("A", tid, tx.txid)
+    try:
+        run_transfer_body(tx, t)
+    except Exception as e:
+        # Nothing is prepared before commit(): the branches roll back (or die
+        # with their sessions), whatever rollback() manages to send.
+        try:
+            tx.rollback()
+        finally:
+            out.write("X", tid, type(e).__name__)
+        logger.warning("%s: aborted in the body: %s", tid, _describe(e))
+        return "X"
+    try:
+        tx.commit()
+    except TransactionAborted as e:
+        out.write("X", tid, type(e).__name__)
+        logger.warning("%s: aborted: %s", tid, _describe(e))
+        return "X"
+    except OutcomeUnknown as e:
+        out.write("U", tid, type(e).__name__)
+        logger.warning("%s: outcome unknown: %s", tid, _describe(e))
+        return "U"
+    except Exception as e:  # not one of txmgr's documented outcomes: keep the traceback
+        out.write("U", tid, "unexpected:" + type(e).__name__)
+        logger.error("%s: unexpected error from commit():\n%s", tid,
+                     "".join(traceback.format_exception(e)))
+        return "U"
+    out.write("K", tid)
+    return "K"
+
+
+class ClientSpec(TypedDict):
+    """The JSON file the harness writes for its clients."""
+
+    participants: dict[str, str]
+    log: str  # a DSN, or the name of the participant holding the log
+    accounts: int
+    log_idle_timeout: float
+    connect_timeout: float
+
+
+def run(
+    spec: ClientSpec,
+    *,
+    slot: int,
+    incarnation: int,
+    seed: int,
+    records: Path,
+    max_transfers: int | None,
+    stop: threading.Event,
+) -> int:
+    """The client loop; returns the number of transfers attempted."""
+    participants = spec["participants"]
+    rng = random.Random(f"{seed}/{slot}/{incarnation}")
+    armed = dict(failpoints.active())
+    tm = TransactionManager(
+        participants,
+        spec["log"],
+        pool_min_size=1,
+        pool_max_size=2,
+        connect_timeout=spec["connect_timeout"],
+        log_idle_timeout=spec["log_idle_timeout"],
+    )
+    out = RecordWriter(records)
+    names = sorted(participants)
+    done = 0
+    try:
+        while not stop.is_set() and (max_transfers is None or done < max_transfers):
+            done += 1
+            t = plan_transfer(rng, f"c{slot}.{incarnation}.{done}", names, spec["accounts"])
+            before = {name: failpoints.hits(name) for name in armed}
+            outcome = _transfer(tm, t, out)
+            for name, action in armed.items():
+                if failpoints.hits(name) > before[name]:
+                    out.write("F", name, action)
+            if outcome != "K":
+                # A server may be down: do not spin; but keep trying, that is the point.
+                stop.wait(rng.uniform(0.02, 0.2))
+    finally:
+        out.close()
+        tm.close()
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m txmgr.torture.client")
+    parser.add_argument("spec", type=Path, help="JSON file: participants, log, accounts, …")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--incarnation", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--records", type=Path, required=True)
+    parser.add_argument("--max-transfers", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    spec: ClientSpec = json.loads(args.spec.read_text())
+    run(spec, slot=args.slot, incarnation=args.incarnation, seed=args.seed,
+        records=args.records, max_transfers=args.max_transfers, stop=stop)
+    return 0

@@ -1,0 +1,85 @@
+"""What a client process records about its transfers, one fsynced line each.
+
+A client writes ``A <id> <txid>`` before it starts a transfer, then one of
+
+- ``K <id>`` — acknowledged: ``commit()`` returned without an error;
+- ``X <id> <error type>`` — aborted: nothing may be committed;
+- ``U <id> <error type>`` — outcome unknown (``OutcomeUnknown``, or an
+  unexpected error out of ``commit()``): both halves or neither.
+
+``F <failpoint> <action>`` records a failpoint that fired (raise or sleep; a
+crash ends the process before it can write). A transfer with an ``A`` line
+and no outcome was cut short (SIGKILL, crash failpoint): it counts as unknown.
+Every line is flushed and fsynced before the client goes on, so what the file
+says was acknowledged really was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["RecordWriter", "Records", "read_records"]
+
+
+class RecordWriter:
+    """Appends record lines to one file, each durable before ``write`` returns."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: IO[str] = path.open("a", encoding="utf-8")
+
+    def write(self, *fields: str) -> None:
+        self._file.write(" ".join(fields) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Records:
+    """Everything the clients recorded, merged."""
+
+    attempted: set[str] = field(default_factory=set)
+    acked: set[str] = field(default_factory=set)
+    aborted: dict[str, str] = field(default_factory=dict)  # id -> error type
+    unknown: dict[str, str] = field(default_factory=dict)  # id -> error type or "cut short"
+    failpoints: Counter[str] = field(default_factory=Counter)  # "point=action" -> hits
+    errors: Counter[str] = field(default_factory=Counter)  # error type -> count
+
+    def finish(self) -> None:
+        """Attempts without an outcome line become unknown ("cut short")."""
+        for tid in self.attempted - self.acked - self.aborted.keys() - self.unknown.keys():
+            self.unknown[tid] = "cut short"
+
+
+def read_records(paths: Iterable[Path]) -> Records:
+    """Merge the record files; a torn last line (the writer was killed) is skipped."""
+    records = Records()
+    for path in paths:
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines(True):
+            if not line.endswith("\n"):
+                continue  # torn: the writer died before the line was whole
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            kind, tid = parts[0], parts[1]
+            if kind == "A":
+                records.attempted.add(tid)
+            elif kind == "K":
+                records.acked.add(tid)
+            elif kind == "X" and len(parts) >= 3:
+                records.aborted[tid] = parts[2]
+                records.errors[parts[2]] += 1
+            elif kind == "U" and len(parts) >= 3:
+                records.unknown[tid] = parts[2]
+                records.errors[parts[2]] += 1
+            elif kind == "F" and len(parts) >= 3:
+                records.failpoints[f"{parts[1]}={parts[2]}"] += 1
+    records.finish()
+    return records

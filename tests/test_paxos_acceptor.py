@@ -1,0 +1,536 @@
+"""Paxos mode on real servers: the SQL acceptor, and PaxosLog over three log databases.
+
+The acceptor databases are fresh databases on the session's servers; faults
+come from :class:`~txmgr.testing.proxy.FaultProxy` (a stopped proxy is a log
+database that is down; a rule swallows or blackholes chosen statements), from
+dropping a database (down, or wiped when it is re-created), or from a private
+server that is stopped and started again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+import txmgr.paxos
+from txmgr._multiplex import Job, run_all
+from txmgr.errors import ConfigError, LogSchemaError
+from txmgr.paxos import LogQuorumUnavailable, PaxosLog, Value, Voters
+from txmgr.paxos._acceptor import (
+    Answer,
+    accept_query,
+    encode,
+    forget_query,
+    parse,
+    prepare_query,
+    read_query,
+    register_query,
+    run_quorum,
+)
+from txmgr.paxos._core import ABORT, AcceptorRules, Slot, ballot, plan_cleanup
+from txmgr.paxos._schema import install, read_incarnation
+from txmgr.testing import PgServer, Server
+from txmgr.testing.proxy import FaultProxy
+from txmgr.testing.pytest_plugin import MakeDatabase
+
+COMMIT = Value.commit(["billing", "orders"])
+ACCEPT0 = r"EXECUTE \"?txmgr_paxos_accept\"?\('[0-9a-f]{16}', 0,"  # the coordinator's ballot 0
+
+
+def run(conn: psycopg.Connection[Any], query: sql.Composed) -> Answer:
+    """One acceptor statement, the way PaxosLog sends it."""
+    job = Job(conn, encode(conn, query.as_bytes(conn)))
+    run_all([job])
+    if job.error is not None:
+        raise job.error
+    return parse(job.rows)
+
+
+def new_txid() -> str:
+    return secrets.token_hex(8)
+
+
+def dbname(dsn: str) -> str:
+    return str(conninfo_to_dict(dsn)["dbname"])
+
+
+def proxy_for(dsn: str) -> FaultProxy:
+    params = conninfo_to_dict(dsn)
+    return FaultProxy(str(params["host"]), int(str(params["port"]))).start()
+
+
+@pytest.fixture
+def acceptor_dsns(make_database: MakeDatabase, pg_servers: list[Server]) -> list[str]:
+    """Three migrated acceptor databases, spread over the session's servers."""
+    dsns = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
+    for dsn in dsns:
+        install(dsn)
+    return dsns
+
+
+@pytest.fixture
+def logs() -> Iterator[list[PaxosLog]]:
+    """Collects PaxosLogs to close (before the databases are dropped)."""
+    made: list[PaxosLog] = []
+    yield made
+    for log in made:
+        log.close()
+
+
+def open_log(logs: list[PaxosLog], dsns: list[str], **kwargs: Any) -> PaxosLog:
+    # A long linger: every acceptor that answers at all registers (the machine
+    # may be slow); only the dead ones are left out.
+    log = PaxosLog(dsns, connect_timeout=5, **{"linger": 10.0, **kwargs})
+    logs.append(log)
+    return log
+
+
+def settle(log: PaxosLog) -> None:
+    """Let the statements a round did not wait for (beyond its quorum) finish."""
+    wait_until(lambda: log.collector.pending() == 0)
+
+
+# -- the SQL acceptor is the pure acceptor ----------------------------------------------
+
+
+def test_sql_acceptor_agrees_with_the_pure_rules(make_database: MakeDatabase) -> None:
+    dsn = make_database()
+    install(dsn)
+    rules = AcceptorRules()
+    model: dict[str, Slot] = {}
+    rng = random.Random(20240607)
+    txids = [new_txid() for _ in range(4)]
+    ballots = [0, 1, ballot(1, 3), ballot(1, 9), ballot(2, 0), ballot(7, 1)]
+    values = [ABORT, COMMIT, Value.commit(["x"])]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        incarnation = read_incarnation(conn, dsn)
+        for step in range(400):
+            op = rng.choice(["register", "prepare", "accept", "accept", "forget", "forget_all"])
+            t = rng.choice(txids)
+            if op == "register":
+                expected = rules.register(model.get(t))
+                answer = run(conn, register_query(t))
+            elif op == "prepare":
+                b = rng.choice(ballots[1:])
+                expected = rules.prepare(model.get(t), b)
+                answer = run(conn, prepare_query(t, b))
+            elif op == "accept":
+                b, v = rng.choice(ballots), rng.choice(values)
+                expected = rules.accept(model.get(t), b, v)
+                answer = run(conn, accept_query(t, b, v))
+            else:
+                keep = op == "forget"
+                expected = rules.forget(model.get(t), keep_commit=keep)
+                answer = run(conn, forget_query([t], keep_commit=keep))
+            assert answer.incarnation == incarnation
+            new, reply = expected
+            assert answer.replies[t] == reply, (step, op, t)
+            if new is None:
+                model.pop(t, None)
+            else:
+                model[t] = new
+            # The whole state agrees too, not only the reply.
+            everything = run(conn, read_query(txids)).replies
+            assert {x: r.slot for x, r in everything.items() if r.status == "ok"} == model
+            assert {x for x, r in everything.items() if r.status == "gone"} == \
+                set(txids) - set(model)
+        statuses = {r.status for r in run(conn, read_query(txids)).replies.values()}
+        assert statuses  # the sequence ended somewhere definite
+
+
+def test_registration_commits_asynchronously_and_decisions_durably(
+    make_database: MakeDatabase,
+) -> None:
+    dsn = make_database()
+    install(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A SET LOCAL at the head of a simple-protocol query applies to the
+        # implicit transaction of the statements after it, and only to it.
+        for setting in ("off", "on"):
+            job = Job(conn, f"SET LOCAL synchronous_commit = {setting}; "
+                            "SELECT current_setting('synchronous_commit')".encode())
+            run_all([job])
+            assert job.rows == [(setting,)]
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    t = new_txid()
+    assert register_query(t).as_string().startswith("SET LOCAL synchronous_commit = off;")
+    for query in (prepare_query(t, 5), accept_query(t, 0, COMMIT), forget_query([t],
+                                                                                keep_commit=True)):
+        assert query.as_string().startswith("SET LOCAL synchronous_commit = on;")
+
+
+def test_schema_check_and_migration_file(make_database: MakeDatabase) -> None:
+    import sqlalchemy as sa
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(LogSchemaError, match="txmgr migrate"):
+            read_incarnation(conn, dsn)
+    migration = _load_migration()
+    assert (migration.revision, migration.down_revision) == ("0003", "0002")
+    engine = sa.create_engine("postgresql+psycopg://",
+                              creator=lambda: psycopg.connect(dsn), poolclass=sa.NullPool)
+
+    def step(name: str) -> None:
+        with engine.begin() as connection:
+            with Operations.context(MigrationContext.configure(connection)):
+                getattr(migration, name)()
+
+    try:
+        step("upgrade")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            first = read_incarnation(conn, dsn)
+            run(conn, register_query(new_txid()))
+        with pytest.raises(LogSchemaError, match="1 transaction slot"):
+            step("downgrade")  # a slot may be an in-doubt decision: refused
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM txmgr_paxos")
+        step("downgrade")
+        step("upgrade")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert read_incarnation(conn, dsn) != first  # re-created: a new acceptor
+    finally:
+        engine.dispose()
+
+
+def _load_migration() -> ModuleType:
+    path = Path(txmgr.paxos.__file__).parent / "_migration_0003.py"
+    spec = importlib.util.spec_from_file_location("txmgr_migration_0003", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- PaxosLog -----------------------------------------------------------------------------
+
+
+def test_commit_learn_status_forget(acceptor_dsns: list[str], logs: list[PaxosLog]) -> None:
+    log = open_log(logs, acceptor_dsns)
+    incarnations = log.check()
+    assert len(set(incarnations.values())) == 3
+    t = new_txid()
+    voters = log.begin(t)
+    assert voters == Voters(2, tuple(sorted(incarnations.values())))
+    out = log.propose_commit(t, voters, ["orders", "billing"])
+    assert (out.decision, out.ballot, out.value) == ("commit", 0, COMMIT)
+    assert log.learn({t: voters})[t].decision == "commit"
+    settle(log)
+    status = log.slots([t])
+    assert [s.slots[t] for s in status] == [Slot(0, 0, COMMIT)] * 3
+    # Cleanup rides on the next decision.
+    t2 = new_txid()
+    v2 = log.begin(t2)
+    assert log.propose_commit(t2, v2, ["orders", "billing"], forget=[t]).commits
+    settle(log)
+    assert all(t not in s.slots and t2 in s.slots for s in log.slots())
+    report = log.forget([t2])
+    assert report.deleted == {t2: 3} and not report.unreachable
+    assert all(not s.slots for s in log.slots())
+    # A transaction nobody decided is "undecided" to a reader, not aborted.
+    t3 = new_txid()
+    v3 = log.begin(t3)
+    assert log.learn({t3: v3})[t3].decision == "undecided"
+    assert log.recover(t3, v3, preempt=False).decision == "undecided"
+    out = log.recover(t3, v3)  # recovery decides: nothing accepted, so abort
+    assert out.decision == "abort"
+    late = log.propose_commit(t3, v3, ["orders"])
+    assert late.decision == "abort"  # the preempted coordinator learns the truth
+
+
+def test_registration_rides_with_the_votes(
+    make_database: MakeDatabase, acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    """The coordinator sends the registration in the round trip of its votes."""
+    log = open_log(logs, acceptor_dsns)
+    t = new_txid()
+    with psycopg.connect(make_database(), autocommit=True) as branch:
+        branch.execute("BEGIN")
+        vote = Job(branch, b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+        reg = log.registration(t)
+        assert len(reg.jobs) == 3
+        stragglers = run_quorum([vote, *reg.jobs],
+                                enough=lambda done: vote in done and reg.enough(done),
+                                linger=0.05, timeout=10)
+        voters = reg.finish(stragglers)
+        assert vote.rows == [("f",)]
+        assert len(voters) == 3 - len(stragglers)  # a slow one may be given up on
+        branch.execute("ROLLBACK")
+    assert log.propose_commit(t, voters, ["orders"]).commits
+
+
+def test_forget_keeps_commits_and_young_slots(acceptor_dsns: list[str],
+                                               logs: list[PaxosLog]) -> None:
+    log = open_log(logs, acceptor_dsns)
+    committed, idle = new_txid(), new_txid()
+    for dsn in acceptor_dsns:  # ballot 0 reached all three (not just a quorum)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            run(conn, register_query(committed))
+            run(conn, accept_query(committed, 0, COMMIT))
+            run(conn, register_query(idle))
+    young = log.forget([committed, idle], keep_commit=True, min_age=3600)
+    assert young.deleted == {} and young.kept == {committed, idle}
+    kept = log.forget([committed, idle], keep_commit=True)
+    assert kept.deleted == {idle: 3} and kept.kept == {committed}
+    assert log.forget([committed]).deleted == {committed: 3}
+
+
+def test_a_returning_log_databases_stale_slots_are_cleaned_up(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    a, b, c = acceptor_dsns
+    proxy = proxy_for(c)
+    log = open_log(logs, [a, b, proxy.dsn(c)])
+    missed, held = new_txid(), new_txid()
+    v1, v2 = log.begin(missed), log.begin(held)
+    proxy.add_rule(ACCEPT0, "drop_before")  # c misses the first ballot 0 …
+    assert log.propose_commit(missed, v1, ["orders", "billing"]).commits
+    # … not the second (sent by another coordinator: this one lets c rest a while)
+    other = open_log(logs, [a, b, proxy.dsn(c)])
+    assert other.propose_commit(held, v2, ["orders", "billing"]).commits
+    settle(other)
+    proxy.stop()  # c goes down before the slots are deleted
+    report = log.forget([missed, held])
+    assert report.deleted == {missed: 2, held: 2} and len(report.unreachable) == 1
+    # c comes back with what it had: what recovery's cleanup does about it.
+    back = open_log(logs, [a, b, c])
+    found: dict[str, list[tuple[Slot, float]]] = {}
+    for state in back.slots():
+        for txid, slot in state.slots.items():
+            found.setdefault(txid, []).append((slot, state.ages[txid]))
+    assert found.keys() == {missed, held}
+    assert found[held][0][0].holds_commit and not found[missed][0][0].holds_commit
+    plan = plan_cleanup(found, prepared=[], answered=["orders", "billing"], grace=0)
+    assert plan.finished == {held} and plan.idle == {missed}
+    back.forget(sorted(plan.finished))
+    back.forget(sorted(plan.idle), keep_commit=True)
+    assert all(not state.slots for state in back.slots())
+
+
+def test_same_database_twice_is_refused(acceptor_dsns: list[str], logs: list[PaxosLog]) -> None:
+    with pytest.raises(ConfigError, match="odd number"):
+        PaxosLog(acceptor_dsns[:2])
+    with pytest.raises(ConfigError, match="listed twice"):
+        PaxosLog([acceptor_dsns[0], acceptor_dsns[0], acceptor_dsns[1]])
+    # The same database under another spelling of its DSN.
+    params = conninfo_to_dict(acceptor_dsns[0])
+    other = make_conninfo("", **{**params, "application_name": "again"})
+    log = open_log(logs, [acceptor_dsns[0], other, acceptor_dsns[1]])
+    with pytest.raises(ConfigError, match="same database"):
+        log.check()
+
+
+def test_schema_missing_on_one_is_tolerated(
+    make_database: MakeDatabase, acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    bare = make_database()
+    log = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], bare])
+    assert len(log.check()) == 2  # one log database not migrated yet: like one down
+    t = new_txid()
+    voters = log.begin(t)
+    assert len(voters) == 2
+    assert log.propose_commit(t, voters, ["orders"]).commits
+    worse = open_log(logs, [acceptor_dsns[0], bare, make_database()])
+    with pytest.raises(LogSchemaError, match="txmgr migrate"):
+        worse.check()
+
+
+def test_one_log_database_down(acceptor_dsns: list[str], logs: list[PaxosLog]) -> None:
+    proxy = proxy_for(acceptor_dsns[2])
+    log = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])])
+    t = new_txid()
+    assert len(log.begin(t)) == 3
+    proxy.stop()  # down: connections are refused, and open ones are gone
+    for _ in range(5):
+        t = new_txid()
+        voters = log.begin(t)
+        assert len(voters) == 2
+        assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+    down = log.slots()[2]
+    assert down.error is not None and not down.slots
+
+
+def test_two_log_databases_down(
+    pg_servers: list[Server], acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    pg_servers[1 % len(pg_servers)].drop_database(dbname(acceptor_dsns[1]))
+    pg_servers[0].drop_database(dbname(acceptor_dsns[2]))
+    pg_server = pg_servers[0]
+    log = open_log(logs, acceptor_dsns)
+    with pytest.raises(LogQuorumUnavailable) as caught:
+        log.begin(new_txid())
+    message = str(caught.value)
+    assert "only 1 of 3 Paxos log databases" in message and "2 are needed" in message
+    assert "nothing was prepared" in message
+    password = pg_server.password
+    assert not password or password not in message
+    assert (caught.value.answered, caught.value.needed) == (1, 2)
+
+
+def test_two_down_after_registration_then_one_returns(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    a, b, c = acceptor_dsns
+    proxies = [proxy_for(a), proxy_for(b)]
+    log = open_log(logs, [proxies[0].dsn(a), proxies[1].dsn(b), c])
+    t = new_txid()
+    voters = log.begin(t)
+    for p in proxies:  # a and b go down just before ballot 0 reaches them
+        p.add_rule(r"EXECUTE", "drop_before", times=None)
+    try:
+        out = log.propose_commit(t, voters, ["orders", "billing"])
+        assert out.decision == "undecided" and "2 are needed" in out.detail
+        assert open_log(logs, [proxies[0].dsn(a), proxies[1].dsn(b), c]).learn(
+            {t: voters})[t].decision == "undecided"
+        for p in proxies:
+            p.stop()
+        # b comes back (reached directly), a stays down. A recovery process
+        # anywhere must finish the commit that c accepted: b and c are a
+        # quorum, and c's promise reports its commit.
+        recovery = open_log(logs, [proxies[0].dsn(a), b, c])
+        out = recovery.recover(t, voters)
+        assert out.decision == "commit" and out.value == COMMIT
+    finally:
+        for p in proxies:
+            p.stop()
+
+
+def test_a_log_database_stopped_and_started_again(
+    acceptor_dsns: list[str], logs: list[PaxosLog], crash_server: PgServer
+) -> None:
+    private = crash_server.create_database()
+    install(private)
+    log = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], private])
+    t = new_txid()
+    voters = log.begin(t)
+    crash_server.crash()  # immediate stop: the registration may be lost, it is async
+    assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+    crash_server.restart()
+    # Once it is back (a new log, as a recovery process would be), it takes part:
+    # it still knows the transaction, or has no slot for it, never a wrong one.
+    again = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], private])
+    state = again.slots([t])[2]
+    assert state.error is None and state.slots.get(t, Slot()) in (Slot(), Slot(0, 0, COMMIT))
+    t2 = new_txid()
+    assert len(again.begin(t2)) == 3
+
+
+def test_a_wiped_log_database_does_not_vote_on_older_transactions(
+    pg_server: Server, acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    a, b, c = acceptor_dsns
+    proxy = proxy_for(b)
+    log = open_log(logs, [a, proxy.dsn(b), c])
+    t = new_txid()
+    voters = log.begin(t)
+    proxy.add_rule(ACCEPT0, "drop_before")
+    assert log.propose_commit(t, voters, ["orders", "billing"]).commits  # by a and c
+    proxy.stop()
+    # c loses its disk: it comes back empty, with a new incarnation.
+    assert conninfo_to_dict(c)["port"] == conninfo_to_dict(pg_server.admin_dsn)["port"]
+    pg_server.drop_database(dbname(c))
+    pg_server.create_database(dbname(c))
+    install(c)
+    # With a unreachable, b (knows nothing) and the new c would be a majority
+    # that says "abort": the new c is not one of the voters, so nothing is decided.
+    missing = pg_server.dsn(f"t_gone_{secrets.token_hex(4)}")
+    blind = open_log(logs, [missing, b, c])
+    assert blind.recover(t, voters).decision == "undecided"
+    # With a back, a and b decide: a's commit wins.
+    out = open_log(logs, [a, b, c]).recover(t, voters)
+    assert out.decision == "commit" and out.value == COMMIT
+    # New transactions count the new c.
+    t2 = new_txid()
+    v2 = open_log(logs, [a, b, c]).begin(t2)
+    assert len(v2) == 3 and len(set(v2.incarnations) & set(voters.incarnations)) == 2
+
+
+def test_concurrent_proposers_never_disagree(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    coordinator = open_log(logs, acceptor_dsns)
+    # Four recovery processes; two share a proposer id (ballots may collide).
+    proposers = [open_log(logs, acceptor_dsns, proposer_id=i) for i in (7, 7, 8, 9)]
+    rng = random.Random(5)
+    conns = [psycopg.connect(d, autocommit=True) for d in acceptor_dsns]
+    try:
+        for _ in range(20):
+            t = new_txid()
+            voters = coordinator.begin(t)
+            # Ballot 0 reached some of the log databases before the coordinator died.
+            reached = rng.sample(range(3), rng.randint(0, 3))
+            for i in reached:
+                run(conns[i], accept_query(t, 0, COMMIT))
+            outcomes: list[str] = []
+            barrier = threading.Barrier(len(proposers))
+
+            def recover(log: PaxosLog, t: str = t, v: Voters = voters,
+                        b: threading.Barrier = barrier, out: list[str] = outcomes) -> None:
+                b.wait()
+                out.append(log.recover(t, v).decision)
+
+            threads = [threading.Thread(target=recover, args=(p,)) for p in proposers]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            final = coordinator.recover(t, voters)
+            assert final.decision in ("commit", "abort")
+            decided = {o for o in outcomes if o != "undecided"}
+            assert decided <= {final.decision}, (reached, outcomes)
+            if len(reached) >= 2:
+                assert final.decision == "commit"  # chosen before anyone recovered
+            assert coordinator.learn({t: voters})[t].decision == final.decision
+            coordinator.forget([t])
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_blackholed_log_database_does_not_stall_commits(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    proxy = proxy_for(acceptor_dsns[2])
+    try:
+        log = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])])
+        t = new_txid()
+        voters = log.begin(t)
+        assert len(voters) == 3
+        # Its network swallows ballot 0 and never answers (nor closes).
+        proxy.add_rule(ACCEPT0, "blackhole", times=None)
+        for _ in range(3):
+            assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+            t = new_txid()
+            voters = log.begin(t)
+        # The unanswered statements are read in the background; once one has
+        # waited long enough, that log database rests and is not asked at all.
+        link = log.links[2]
+        wait_until(lambda: not link.healthy)
+        t = new_txid()
+        voters = log.begin(t)
+        assert len(voters) == 2 and log.propose_commit(t, voters, ["orders"]).commits
+        assert log.collector.pending() >= 1
+    finally:
+        proxy.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for something a background thread does on its own."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

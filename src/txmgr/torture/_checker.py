@@ -109,12 +109,15 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
+        """No violation and nothing left over."""
         return not self.violations and self.leftovers.count == 0
 
     def violation_counts(self) -> dict[str, int]:
+        """How many violations of each kind."""
         return dict(Counter(v.kind for v in self.violations))
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
         shown: dict[str, list[str]] = defaultdict(list)
         for v in self.violations:
             if len(shown[v.kind]) < _SHOW:

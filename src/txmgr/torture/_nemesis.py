@@ -97,6 +97,7 @@ class Fault:
     seconds: float  # down time, partition time, or failpoint sleep
 
     def pick(self, choices: Sequence[object]) -> int:
+        """Index of the target this fault hits, drawn from the seeded schedule."""
         return self.target % len(choices)
 
 

@@ -62,9 +62,11 @@ class TortureReport:
 
     @property
     def ok(self) -> bool:
+        """The run passed: no violation, no leftover."""
         return self.check.ok and not self.harness_errors
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (the ``--json`` output)."""
         opts = asdict(self.options)
         opts["workdir"] = str(self.options.workdir) if self.options.workdir else None
         return {
@@ -85,6 +87,7 @@ class TortureReport:
         }
 
     def text(self) -> str:
+        """The report as the text the command prints."""
         c = self.check
         lines = [
             f"torture {'PASSED' if self.ok else 'FAILED'}: seed={self.seed} "

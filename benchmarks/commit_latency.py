@@ -8,7 +8,7 @@ The hand-written baseline is what an application would write with psycopg's
 tpc_* API and a decision table: prepare each branch in turn, insert the
 decision (autocommit), commit each branch in turn, delete the decision.
 
-    python3 bench/commit_latency.py --transactions 2000 [--fsync]
+    python3 benchmarks/commit_latency.py --transactions 2000 [--fsync]
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ several threads. Every ``--every`` seconds it prints the number of rows in
 largest row count seen and the bound it should stay under: the transactions
 committed within one daemon interval plus those in flight.
 
-    python bench/decision_log_growth.py                     # 100,000 transactions
-    python bench/decision_log_growth.py --transactions 20000 --threads 4
+    python3 benchmarks/decision_log_growth.py                     # 100,000 transactions
+    python3 benchmarks/decision_log_growth.py --transactions 20000 --threads 4
 """
 
 from __future__ import annotations
@@ -104,9 +104,12 @@ def main() -> None:
         started = time.monotonic()
         for w in workers:
             w.start()
-        threading.Thread(
-            target=lambda: ([w.join() for w in workers], finished.set()), daemon=True
-        ).start()
+        def wait_for_workers() -> None:
+            for w in workers:
+                w.join()
+            finished.set()
+
+        threading.Thread(target=wait_for_workers, daemon=True).start()
 
         print(f"{'elapsed':>8} {'committed':>10} {'tx/s':>7} {'rows':>6} {'bytes':>9} "
               f"{'dead':>6}")

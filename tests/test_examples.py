@@ -30,6 +30,7 @@ EXPECTED: dict[str, tuple[str, dict[str, int]]] = {
     "transfer_core": ("nothing changed", {"orders": 70, "billing": 130}),
     "daemon_from_config": ("committed=2", {"orders": 60, "billing": 140}),
     "transfer_orm": ("nothing changed", {"orders": 70, "billing": 130}),
+    "transfer_async": ("nothing changed", {"orders": 70, "billing": 130}),
 }
 
 

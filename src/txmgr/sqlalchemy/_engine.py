@@ -11,7 +11,7 @@ txmgr ends the transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -22,6 +22,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 from txmgr.errors import TransactionStateError
+from txmgr.sqlalchemy._aio_dialect import ASYNC_DRIVER_NAME
 from txmgr.sqlalchemy._dialect import DRIVER_NAME
 from txmgr.sqlalchemy._state import INFO_KEY, BranchState
 
@@ -36,20 +37,37 @@ ENGINE_OPTIONS = frozenset({
     "query_cache_size", "use_insertmanyvalues",
 })
 
-# The branch connection being wrapped by attach(), in this thread.
-_handout: ContextVar[psycopg.Connection[Any] | None] = ContextVar(
-    "txmgr_sqlalchemy_handout", default=None
-)
+#: A branch's psycopg connection: sync, or async under an asyncio session.
+AnyConnection = psycopg.Connection[Any] | psycopg.AsyncConnection[Any]
+
+# The branch connection being wrapped by attach(), in this thread (or greenlet).
+_handout: ContextVar[AnyConnection | None] = ContextVar("txmgr_sqlalchemy_handout", default=None)
 
 
-def _creator() -> DBAPIConnection:
+def _handed_out() -> AnyConnection:
     conn = _handout.get()
     if conn is None:
         raise TransactionStateError(
             "this Engine only runs inside txmgr transactions: use tx.connection(name) or "
             "tx.session(name) of a txmgr.sqlalchemy transaction, or a TwoPhaseSession"
         )
-    return cast(DBAPIConnection, conn)
+    return conn
+
+
+def _creator() -> DBAPIConnection:
+    return cast(DBAPIConnection, _handed_out())
+
+
+def _async_creator() -> Awaitable[AnyConnection]:
+    # SQLAlchemy's async psycopg DBAPI awaits what this returns (inside its
+    # greenlet) and wraps it in its adapter; the connection is taken here, in
+    # the greenlet that called attach(), not later on the event loop.
+    conn = _handed_out()
+
+    async def ready() -> AnyConnection:
+        return conn
+
+    return ready()
 
 
 def _on_invalidate(
@@ -71,28 +89,43 @@ def _on_invalidate(
         state.mark_rolled_back(why, error)
 
 
-def create_branch_engine(options: Mapping[str, Any], url: URL | None = None) -> Engine:
+def create_branch_engine(
+    options: Mapping[str, Any], url: URL | None = None, *, is_async: bool = False
+) -> Engine:
     """An Engine for one participant. ``options`` are create_engine() options that
     were checked by the caller; ``url`` (without password: see
     ``_binding.display_url``) only names the database in logs and ``repr()``, its
-    driver is replaced: txmgr makes the connections."""
-    engine = create_engine(
-        url.set(drivername=DRIVER_NAME) if url is not None else f"{DRIVER_NAME}://",
-        creator=_creator,
-        poolclass=NullPool,
-        pool_reset_on_return=None,  # txmgr ends the transaction, not a checkin
+    driver is replaced: txmgr makes the connections.
+
+    ``is_async``: the sync face (``AsyncEngine.sync_engine``) of an asyncio
+    Engine, whose connections are async branch connections (the dialect of
+    :mod:`txmgr.sqlalchemy._aio_dialect`), for SQLAlchemy's AsyncSession.
+    """
+    driver = ASYNC_DRIVER_NAME if is_async else DRIVER_NAME
+    common: dict[str, Any] = {
+        "poolclass": NullPool,
+        "pool_reset_on_return": None,  # txmgr ends the transaction, not a checkin
         # Native hstore registers its adapter on the first connection only (the
         # others would get it as connect() arguments, which txmgr's pool never
         # sees), so results would differ between connections.
-        use_native_hstore=False,
-        **options,
-    )
+        "use_native_hstore": False,
+    }
+    target = url.set(drivername=driver) if url is not None else f"{driver}://"
+    if is_async:
+        # Imported here: SQLAlchemy's asyncio needs greenlet, the sync side does not.
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        engine = create_async_engine(
+            target, async_creator=_async_creator, **common, **options
+        ).sync_engine
+    else:
+        engine = create_engine(target, creator=_creator, **common, **options)
     event.listen(engine, "invalidate", _on_invalidate)
     return engine
 
 
 def attach(
-    connect: Callable[[], Connection], conn: psycopg.Connection[Any], state: BranchState
+    connect: Callable[[], Connection], conn: AnyConnection, state: BranchState
 ) -> Connection:
     """A SQLAlchemy Connection made by ``connect()`` (an Engine's) on the branch
     connection ``conn``, tagged with ``state`` for the dialect."""

@@ -12,16 +12,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection
 
 from txmgr.errors import TransactionAborted, TransactionStateError
-from txmgr.manager import TransactionManager
 from txmgr.sqlalchemy._engine import attach
 from txmgr.sqlalchemy._state import BranchState
-from txmgr.transaction import Transaction, TransactionState
+from txmgr.transaction import TransactionState
 
-__all__ = ["GlobalTransaction"]
+__all__ = ["GlobalTransaction", "SessionTransactionSource", "TxmgrTransaction"]
+
+
+class TxmgrTransaction(Protocol):
+    """What a session needs of a txmgr transaction: a :class:`~txmgr.Transaction`,
+    or, for asyncio sessions, an :class:`~txmgr.AsyncTransaction` awaited from
+    SQLAlchemy's greenlet (:mod:`txmgr.sqlalchemy._aio`)."""
+
+    @property
+    def txid(self) -> str: ...
+
+    @property
+    def state(self) -> TransactionState: ...
+
+    def connection(self, name: str) -> Any: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class SessionTransactionSource(Protocol):
+    """Where sessions get their txmgr transactions (a :class:`~txmgr.TransactionManager`)."""
+
+    def transaction(self) -> TxmgrTransaction: ...
 
 logger = logging.getLogger("txmgr")
 
@@ -36,10 +60,10 @@ class GlobalTransaction:
 
     __slots__ = ("_branches", "_cause", "_reason", "_tm", "_tx", "root")
 
-    def __init__(self, tm: TransactionManager, root: object) -> None:
+    def __init__(self, tm: SessionTransactionSource, root: object) -> None:
         self._tm = tm
         self.root = root  # the SessionTransaction this transaction follows
-        self._tx: Transaction | None = None  # opened by the first connect()
+        self._tx: TxmgrTransaction | None = None  # opened by the first connect()
         self._branches: list[tuple[Connection, BranchState]] = []
         self._reason: str | None = None  # why SQLAlchemy rolled it back, if it did
         self._cause: BaseException | None = None
@@ -48,7 +72,7 @@ class GlobalTransaction:
         return f"<GlobalTransaction {self._tx!r}>"
 
     @property
-    def transaction(self) -> Transaction | None:
+    def transaction(self) -> TxmgrTransaction | None:
         """The txmgr transaction, once the session used a participant."""
         return self._tx
 

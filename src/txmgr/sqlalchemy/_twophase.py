@@ -21,10 +21,8 @@ from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.orm import Session, SessionTransaction
 
 from txmgr.errors import ConfigError, TransactionStateError
-from txmgr.manager import TransactionManager
 from txmgr.sqlalchemy._binding import participant_binds
-from txmgr.sqlalchemy._global import GlobalTransaction
-from txmgr.transaction import Transaction
+from txmgr.sqlalchemy._global import GlobalTransaction, SessionTransactionSource, TxmgrTransaction
 
 __all__ = ["EngineSource", "ParticipantEngine", "TwoPhaseSession"]
 
@@ -37,7 +35,7 @@ class EngineSource(Protocol):
     (a :class:`~txmgr.sqlalchemy.SQLAlchemy`)."""
 
     @property
-    def manager(self) -> TransactionManager: ...
+    def manager(self) -> SessionTransactionSource: ...
 
     @property
     def participants(self) -> frozenset[str]: ...
@@ -117,9 +115,10 @@ class TwoPhaseSession(Session):
         )
 
     @property
-    def txmgr_transaction(self) -> Transaction | None:
+    def txmgr_transaction(self) -> TxmgrTransaction | None:
         """The txmgr transaction of the session's current transaction (its ``txid`` and
-        ``state``), or None while the session has not used any participant in it."""
+        ``state``: a :class:`~txmgr.Transaction`), or None while the session has not used
+        any participant in it."""
         g = self._txmgr_global
         return g.transaction if g is not None else None
 

@@ -16,11 +16,11 @@ starts) with an environment variable read at import::
 Actions: ``crash`` ends the process at once with ``os._exit`` (no cleanup, no
 flush: like a SIGKILL, the servers see the connections drop), ``raise``
 raises :class:`FailpointError`, ``sleep(SECONDS)`` stalls the committing
-thread. ``@P`` fires with probability P. What an exception does depends on
-where the point is, exactly as for :class:`txmgr.hooks.Hooks`: before the
-decision it aborts the transaction; after it, it is logged and the
-transaction stays committed (a ``before_commit_prepared`` failure leaves that
-branch to recovery).
+thread (with asyncio, the whole event loop). ``@P`` fires with probability
+P. What an exception does depends on where the point is, exactly as for
+:class:`txmgr.hooks.Hooks`: before the decision it aborts the transaction;
+after it, it is logged and the transaction stays committed (a
+``before_commit_prepared`` failure leaves that branch to recovery).
 
 The points, in protocol order (:data:`POINTS`):
 

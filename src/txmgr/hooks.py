@@ -4,9 +4,10 @@ Subclass :class:`Hooks` and pass an instance as ``TransactionManager(hooks=…)`
 to observe the protocol (metrics, tracing) or to inject faults in tests: the
 crash tests kill the coordinator process from ``after_decision`` to prove
 that recovery finishes what a dead coordinator decided. Hooks run on the
-committing thread and must be quick. An exception from a hook before the
-decision aborts the transaction (``TransactionAborted``); after the decision
-it is logged and changes nothing (the transaction is committed);
+committing thread (with asyncio: on the event loop's thread) and must be
+quick. An exception from a hook before the decision aborts the transaction
+(``TransactionAborted``); after the decision it is logged and changes
+nothing (the transaction is committed);
 ``before_commit_prepared`` raising leaves that branch to recovery.
 """
 

@@ -48,9 +48,6 @@ __all__ = [
 
 _SHOW = 10  # examples kept per violation kind
 
-#: Contract breaches already found, in code whose owners are changing it: each
-#: is reported apart, not as a violation, while its transfers stay rolled
-#: back, until the strict-xfail regression test named here passes.
 # Errors a known, not yet fixed txmgr bug raises, keyed "unexpected:<error>",
 # with the test that reproduces it. Reported apart from violations only when
 # the transfers involved left no rows. Empty: the last one

@@ -443,6 +443,30 @@ def test_role_change_inside_a_branch_is_refused(
     assert row == (True,)
 
 
+HIDDEN_ROLE_CHANGES = {
+    # the guard reads statement text: a bound name, a DO block or a function hide it
+    "bound-name": ("SELECT set_config(%s, %s, true)", ("role", "pg_monitor")),
+    "do-block": ("DO $$ BEGIN PERFORM set_config('ro' || 'le', 'pg_monitor', true); END $$",
+                 None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HIDDEN_ROLE_CHANGES))
+def test_role_change_hidden_from_the_guard_stops_the_prepare(
+    bank: Bank, secrets: list[str], case: str
+) -> None:
+    """The vote compares current_user with the branch's role at BEGIN."""
+    statement, params = HIDDEN_ROLE_CHANGES[case]
+    with pytest.raises(txmgr.TransactionAborted) as info, bank.manager().transaction() as tx:
+        move(tx, "a", "b")
+        tx.connection("b").execute(statement, params)
+        assert tx.connection("b").execute("SELECT current_user").fetchone() == ("pg_monitor",)
+    assert isinstance(info.value.__cause__, txmgr.RoleChangeInBranch)
+    check_error(info.value, r"role changed from .* to 'pg_monitor'", secrets)
+    check_error(info.value.__cause__, r"connect as that role in the participant's DSN", secrets)
+    assert_untouched(bank)
+
+
 # -- configuration and API misuse -------------------------------------------------------
 
 

@@ -148,8 +148,10 @@ class Servers:
         elif what in ("prepare", "commit", "rollback"):
             conn.info.transaction_status = TransactionStatus.IDLE
         job.tag = {"prepare": b"PREPARE TRANSACTION", "commit": b"COMMIT"}.get(what, b"OK")
-        if what == "vote":
-            job.rows = [("t" if conn.name in self.writers else "f", self.core.txid)]
+        if what == "begin":
+            job.rows = [(self.core.txid, "app")]
+        elif what == "vote":
+            job.rows = [("t" if conn.name in self.writers else "f", self.core.txid, "app")]
         elif what == "open decision":
             job.rows = [("77",)]
 

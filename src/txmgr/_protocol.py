@@ -47,6 +47,7 @@ from txmgr.errors import (
     ManualTransactionControl,
     OutcomeUnknown,
     ParticipantUnavailable,
+    RoleChangeInBranch,
     TransactionAborted,
     TransactionStateError,
 )
@@ -86,13 +87,19 @@ class TransactionState(enum.Enum):
 class Branch:
     """One participant's branch: its connection and, once known, its gid."""
 
-    __slots__ = ("conn", "gid", "name", "prepared")
+    __slots__ = ("conn", "gid", "name", "prepared", "role", "role_at_vote")
 
-    def __init__(self, name: str, conn: AnyBranchConnection) -> None:
+    def __init__(self, name: str, conn: AnyBranchConnection, role: str | None = None) -> None:
         self.name = name
         self.conn = conn
         self.gid: str | None = None
         self.prepared = False
+        # current_user when the branch began and when it voted: only the role
+        # that prepared a branch (or a superuser) can finish it, so a role
+        # changed where the statement guard cannot see it (a function, a DO
+        # block, set_config with a bound name) must stop the PREPARE.
+        self.role = role
+        self.role_at_vote = role
 
 
 class TransactionCore:
@@ -128,7 +135,7 @@ class TransactionCore:
         for attempt in (1, 2):
             conn = yield from checkout(name)
             try:
-                job = Job(conn, _BEGIN + literal(self.txid, conn) + b", true)")
+                job = Job(conn, _BEGIN + literal(self.txid, conn) + b", true), current_user")
                 yield Run([job])
                 if job.error is not None:
                     raise job.error
@@ -146,7 +153,8 @@ class TransactionCore:
                 yield Release(name, conn)
                 return existing
             conn._txmgr_branch = name
-            branch = self.branches[name] = Branch(name, conn)
+            role = job.rows[-1][1] if job.rows else None
+            branch = self.branches[name] = Branch(name, conn, role)
             return branch
         raise AssertionError("unreachable")
 
@@ -207,7 +215,7 @@ class TransactionCore:
         yield Run([*jobs, log_job] if log_job is not None else jobs)
         if decision is not None and log_job is not None:
             yield from decision.opened(log_job)
-        votes = [self._vote(job) for job in jobs]
+        votes = [self._vote(b, job) for b, job in zip(branches, jobs, strict=True)]
         failed = [(b, v) for b, v in zip(branches, votes, strict=True) if isinstance(v, Exception)]
         if failed:
             if decision is not None:
@@ -275,12 +283,12 @@ class TransactionCore:
             "conn.execute() or conn.cursor(), and never end a branch by hand"
         )
 
-    def _vote(self, job: Job) -> bool | Exception:
+    def _vote(self, b: Branch, job: Job) -> bool | Exception:
         """True when the branch wrote (it has an xid); checks it is still our transaction."""
         if job.error is not None:
             return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
         assert job.rows is not None
-        wrote, marker = job.rows[0]
+        wrote, marker, b.role_at_vote = job.rows[0]
         if marker != self.txid:  # ended by hand, and a new transaction begun since
             return _ManualEnd()
         return wrote == "t"
@@ -351,6 +359,20 @@ class TransactionCore:
         logid = tm.known_logid()
         for b in to_prepare:
             b.gid = str(Gid(logid, self.txid, lxid, b.name))
+        changed = [b for b in to_prepare if b.role_at_vote != b.role]
+        if changed:
+            b = changed[0]
+            yield from decision.cancel()
+            yield from self._abort(
+                f"participant {b.name!r} cannot be prepared: its role changed from "
+                f"{b.role!r} to {b.role_at_vote!r} inside the branch",
+                RoleChangeInBranch(
+                    f"the branch of {b.name!r} changed its role ({b.role!r} -> "
+                    f"{b.role_at_vote!r}); only the role that prepares a branch can finish "
+                    "it: connect as that role in the participant's DSN instead of "
+                    "changing roles inside a global transaction"
+                ),
+            )
         try:
             failpoints.fire("before_prepare")
         except Exception as e:
@@ -507,7 +529,8 @@ class TransactionCore:
 
 
 _VOTE_QUERY = (
-    b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL, current_setting('txmgr.txid', true)"
+    b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL, current_setting('txmgr.txid', true),"
+    b" current_user"
 )
 
 

@@ -208,7 +208,7 @@ def test_schema_check_and_migration_file(make_database: MakeDatabase) -> None:
 
 
 def _load_migration() -> ModuleType:
-    path = Path(txmgr.paxos.__file__).parent / "_migration_0003.py"
+    path = Path(txmgr.__file__).parent / "migrations" / "versions" / "0003_paxos_acceptor.py"
     spec = importlib.util.spec_from_file_location("txmgr_migration_0003", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

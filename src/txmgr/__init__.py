@@ -30,6 +30,7 @@ from txmgr.errors import (
     BranchNotFound,
     ConfigError,
     InvalidParticipantName,
+    LogQuorumUnavailable,
     LogSchemaError,
     ManualTransactionControl,
     OutcomeUnknown,
@@ -48,6 +49,7 @@ from txmgr.errors import (
 )
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
+from txmgr.paxos import PaxosLog
 from txmgr.recovery import Recoverer, RecoveryReport, Resolution, recover
 from txmgr.transaction import Transaction, TransactionState
 
@@ -62,12 +64,14 @@ __all__ = [
     "ConfigError",
     "Hooks",
     "InvalidParticipantName",
+    "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
     "OutcomeUnknown",
     "ParticipantError",
     "ParticipantReadOnly",
     "ParticipantUnavailable",
+    "PaxosLog",
     "PreparedTransactionsDisabled",
     "Recoverer",
     "RecoveryReport",

@@ -23,7 +23,7 @@ from txmgr._aio_participant import AsyncParticipant
 from txmgr._aio_transaction import AsyncTransaction
 from txmgr._manager_base import ManagerBase
 from txmgr.config import Config
-from txmgr.errors import ParticipantUnavailable
+from txmgr.errors import ConfigError, ParticipantUnavailable
 from txmgr.hooks import Hooks
 
 __all__ = ["AsyncTransactionManager"]
@@ -45,6 +45,12 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
     """
 
     def _init(self, config: Config, hooks: Hooks | None) -> None:
+        if config.paxos_log is not None:
+            # The Paxos log's rounds are blocking calls; no async driver yet.
+            raise ConfigError(
+                "AsyncTransactionManager does not support a Paxos log (PaxosLog) yet: use "
+                "txmgr.TransactionManager, or a single log database (log=\"postgresql://…\")"
+            )
         super()._init(config, hooks)
         self._lock = asyncio.Lock()  # binds to the loop of its first use
         self._log_pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = (

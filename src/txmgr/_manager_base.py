@@ -22,9 +22,10 @@ import psycopg
 from txmgr import log as decision_log
 from txmgr._dsn import mask
 from txmgr.config import Config
-from txmgr.errors import TransactionStateError, UnknownParticipant
+from txmgr.errors import ConfigError, TransactionStateError, UnknownParticipant
 from txmgr.hooks import Hooks
 from txmgr.participant import ParticipantBase, check_server, connect, network_defaults
+from txmgr.paxos._log import PaxosLog
 
 __all__ = ["FORGET_BATCH", "ManagerBase"]
 
@@ -41,7 +42,7 @@ class ManagerBase(Generic[P]):
     def __init__(
         self,
         participants: Mapping[str, str],
-        log: str,
+        log: str | PaxosLog,
         *,
         log_idle_timeout: float = 60.0,
         pool_min_size: int = 1,
@@ -84,10 +85,16 @@ class ManagerBase(Generic[P]):
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(participants={sorted(self._participants)}, "
-            f"log={mask(self.config.log)!r})"
-        )
+        log = self.config.log
+        shown = repr(log) if isinstance(log, PaxosLog) else repr(mask(log))
+        return f"{type(self).__name__}(participants={sorted(self._participants)}, log={shown})"
+
+    def paxos(self) -> PaxosLog:
+        """The Paxos decision log (ConfigError in the default mode)."""
+        log = self.config.paxos_log
+        if log is None:
+            raise ConfigError("this manager has a single decision log, not a Paxos log")
+        return log
 
     def participant(self, name: str) -> P:
         """The participant ``name``; UnknownParticipant names the configured ones."""

@@ -16,17 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from txmgr._branch import AnyBranchConnection
 from txmgr._multiplex import AnyConnection, Job
 from txmgr.log import XactStatus
+
+if TYPE_CHECKING:
+    from txmgr.paxos._core import Outcome, Voters
 
 __all__ = [
     "Checkout",
     "Forget",
     "LogConnection",
     "Op",
+    "PaxosPropose",
+    "PaxosRegister",
     "ReadDecision",
     "Release",
     "ReleaseLog",
@@ -35,6 +40,8 @@ __all__ = [
     "Step",
     "checkout",
     "log_connection",
+    "paxos_propose",
+    "paxos_register",
     "read_decision",
 ]
 
@@ -101,8 +108,27 @@ class Forget:
     txids: list[str]
 
 
+@dataclass(slots=True)
+class PaxosRegister:
+    """Register a transaction on the Paxos log's databases -> its voters
+    (:meth:`txmgr.PaxosLog.begin`; raises LogQuorumUnavailable)."""
+
+    txid: str
+
+
+@dataclass(slots=True)
+class PaxosPropose:
+    """Every branch is prepared: propose commit -> the Outcome
+    (:meth:`txmgr.PaxosLog.propose_commit`)."""
+
+    txid: str
+    voters: Voters
+    participants: list[str]
+
+
 Op: TypeAlias = (
     Run | Checkout | Release | LogConnection | ReleaseLog | ReadDecision | Sleep | Forget
+    | PaxosRegister | PaxosPropose
 )
 
 #: A protocol step: yields requests, receives their results, returns a ``T``.
@@ -122,3 +148,13 @@ def log_connection(*, wait: bool) -> Step[AnyConnection]:
 def read_decision(lxid: int, txid: str) -> Step[tuple[XactStatus, bool]]:
     answer: tuple[XactStatus, bool] = yield ReadDecision(lxid, txid)
     return answer
+
+
+def paxos_register(txid: str) -> Step[Voters]:
+    voters: Voters = yield PaxosRegister(txid)
+    return voters
+
+
+def paxos_propose(txid: str, voters: Voters, participants: list[str]) -> Step[Outcome]:
+    outcome: Outcome = yield PaxosPropose(txid, voters, participants)
+    return outcome

@@ -21,6 +21,11 @@ at once (:mod:`txmgr._multiplex`):
 6. ``COMMIT PREPARED`` every branch, and commit the read-only branches;
    failures are left to recovery.
 7. the decision row is deleted by a later decision transaction.
+
+In Paxos mode (``config.paxos_log``) steps 3 to 5 differ: with two or more
+writers the transaction is registered on the log databases (its voters go
+into every gid), the writers are prepared, and the commit point is a
+majority accepting ``log.propose_commit``; see :meth:`TransactionCore._paxos_two_phase`.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from txmgr._decision import Decision
 from txmgr._gid import Gid, new_txid
 from txmgr._hints import FAILED_BRANCH_HINT, with_hint
 from txmgr._multiplex import Job, literal
-from txmgr._ops import Forget, Release, Run, Step, checkout
+from txmgr._ops import Forget, Release, Run, Step, checkout, paxos_propose, paxos_register
 from txmgr.config import Config
 from txmgr.errors import (
     LogSchemaError,
@@ -52,6 +57,8 @@ from txmgr.errors import (
     TransactionStateError,
 )
 from txmgr.hooks import Hooks
+from txmgr.paxos._core import Outcome
+from txmgr.paxos._log import paxos_gid
 
 __all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState"]
 
@@ -196,7 +203,9 @@ class TransactionCore:
         # the same round trip as the votes: it is on the critical path otherwise.
         # If at most one branch wrote, it is rolled back unused.
         decision = (
-            Decision(tm, self.txid) if tm.log_participant is None and len(branches) > 1 else None
+            Decision(tm, self.txid)
+            if tm.log_participant is None and tm.config.paxos_log is None and len(branches) > 1
+            else None
         )
         try:
             yield from self._vote_and_commit(branches, decision, patience)
@@ -234,6 +243,9 @@ class TransactionCore:
             yield from self._abort(f"the after_vote hook failed: {e}", e)
         if len(writers) <= 1:
             yield from self._commit_one_phase(writers[0] if writers else None, readers, decision)
+            return
+        if tm.config.paxos_log is not None:
+            yield from self._paxos_two_phase(writers, readers)
             return
         if decision is None:
             log_name = tm.log_participant
@@ -361,23 +373,109 @@ class TransactionCore:
             b.gid = str(Gid(logid, self.txid, lxid, b.name))
         changed = [b for b in to_prepare if b.role_at_vote != b.role]
         if changed:
-            b = changed[0]
             yield from decision.cancel()
-            yield from self._abort(
-                f"participant {b.name!r} cannot be prepared: its role changed from "
-                f"{b.role!r} to {b.role_at_vote!r} inside the branch",
-                RoleChangeInBranch(
-                    f"the branch of {b.name!r} changed its role ({b.role!r} -> "
-                    f"{b.role_at_vote!r}); only the role that prepares a branch can finish "
-                    "it: connect as that role in the participant's DSN instead of "
-                    "changing roles inside a global transaction"
-                ),
-            )
+            yield from self._abort_role_change(changed[0])
         try:
             failpoints.fire("before_prepare")
         except Exception as e:
             yield from decision.cancel()
             yield from self._abort(f"failpoint before_prepare: {e}", e)
+        failed = yield from self._prepare(to_prepare)
+        if failed:
+            yield from decision.cancel()
+            b, err = failed[0]
+            yield from self._abort(
+                with_hint(f"participant {b.name!r} could not prepare (voted no): {err}", err), err
+            )
+        try:
+            failpoints.fire("before_decision")
+            tm.hooks.before_decision(self.txid, lxid)
+        except Exception as e:
+            yield from decision.cancel()
+            yield from self._abort(f"the before_decision hook failed: {e}", e)
+        yield from self._decide(decision, to_prepare, patience)
+        _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
+        yield from self._commit_prepared(to_prepare, readers)
+
+    def _abort_role_change(self, b: Branch) -> Step[None]:
+        """Abort: ``b``'s role changed where the statement guard could not see it."""
+        yield from self._abort(
+            f"participant {b.name!r} cannot be prepared: its role changed from "
+            f"{b.role!r} to {b.role_at_vote!r} inside the branch",
+            RoleChangeInBranch(
+                f"the branch of {b.name!r} changed its role ({b.role!r} -> "
+                f"{b.role_at_vote!r}); only the role that prepares a branch can finish "
+                "it: connect as that role in the participant's DSN instead of "
+                "changing roles inside a global transaction"
+            ),
+        )
+
+    def _paxos_two_phase(self, to_prepare: list[Branch], readers: list[Branch]) -> Step[None]:
+        """Paxos mode: register on the log databases, prepare, propose commit.
+
+        Registration is a round of its own before PREPARE (it may not ride
+        with the votes yet: the async front end and the multiplexer's wait for
+        every job would let one dead log database stall the votes). The gids
+        name the voters, so recovery needs nothing else to finish a branch.
+        """
+        tm = self.tm
+        changed = [b for b in to_prepare if b.role_at_vote != b.role]
+        if changed:
+            yield from self._abort_role_change(changed[0])
+        try:
+            voters = yield from paxos_register(self.txid)
+        except Exception as e:  # LogQuorumUnavailable above all: nothing is prepared yet
+            yield from self._abort(f"could not register the transaction on the Paxos log: {e}", e)
+        for b in to_prepare:
+            b.gid = paxos_gid(self.txid, voters, b.name)
+        try:
+            failpoints.fire("before_prepare")
+        except Exception as e:
+            yield from self._abort(f"failpoint before_prepare: {e}", e)
+        failed = yield from self._prepare(to_prepare)
+        if failed:
+            # Nothing was proposed, and only this coordinator proposes commit:
+            # commit can never be chosen. A branch prepared behind a lost
+            # connection is rolled back by recovery (which decides abort).
+            b, err = failed[0]
+            yield from self._abort(
+                with_hint(f"participant {b.name!r} could not prepare (voted no): {err}", err), err
+            )
+        try:
+            failpoints.fire("before_decision")
+            tm.hooks.before_decision(self.txid, 0)  # no lxid in Paxos mode
+        except Exception as e:
+            yield from self._abort(f"the before_decision hook failed: {e}", e)
+        try:
+            outcome = yield from paxos_propose(self.txid, voters, [b.name for b in to_prepare])
+        except Exception as e:  # the branches are prepared: only recovery can tell
+            outcome = Outcome("undecided", detail=f"proposing commit failed: {e}")
+        if outcome.decision == "abort":
+            # A recovery process decided abort first (it found the branches
+            # prepared and this coordinator silent for too long).
+            yield from self._abort(
+                f"the Paxos log decided abort (a recovery process preempted this "
+                f"coordinator): {outcome.detail}", None
+            )
+        if not outcome.commits:
+            yield from self._rollback_branches(readers)
+            if outcome.decision == "forgotten":
+                # Commit can no longer be chosen, or it was and every branch is
+                # finished: rolling back what is still prepared is safe either way.
+                yield from self._rollback_branches(to_prepare)
+            self.state = TransactionState.UNKNOWN
+            raise OutcomeUnknown(
+                f"transaction {self.txid}: the Paxos log did not confirm the decision "
+                f"({outcome.decision}: {outcome.detail}); it is committed on every participant "
+                "or on none, and `txmgr recover` will finish it",
+                txid=self.txid,
+            )
+        _quiet_hook(_after_decision, tm.hooks, self.txid, 0)
+        yield from self._commit_prepared(to_prepare, readers)
+
+    def _prepare(self, to_prepare: list[Branch]) -> Step[list[tuple[Branch, BaseException]]]:
+        """PREPARE TRANSACTION every writer (gids set); the branches that failed."""
+        tm = self.tm
         jobs = [Job(b.conn, _command(b"PREPARE TRANSACTION ", b)) for b in to_prepare]
         yield Run(jobs)
         for b, job in zip(to_prepare, jobs, strict=True):
@@ -401,20 +499,11 @@ class TransactionCore:
                     tm.hooks.after_prepare(self.txid, b.name, b.gid)
                 except Exception as e:
                     failed.append((b, e))
-        if failed:
-            yield from decision.cancel()
-            b, err = failed[0]
-            yield from self._abort(
-                with_hint(f"participant {b.name!r} could not prepare (voted no): {err}", err), err
-            )
-        try:
-            failpoints.fire("before_decision")
-            tm.hooks.before_decision(self.txid, lxid)
-        except Exception as e:
-            yield from decision.cancel()
-            yield from self._abort(f"the before_decision hook failed: {e}", e)
-        yield from self._decide(decision, to_prepare, patience)
-        _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
+        return failed
+
+    def _commit_prepared(self, to_prepare: list[Branch], readers: list[Branch]) -> Step[None]:
+        """Commit is decided: COMMIT PREPARED every writer, commit the readers."""
+        tm = self.tm
 
         def before(b: Branch) -> None:
             assert b.gid is not None

@@ -6,6 +6,11 @@ A file looks like::
     dsn = "postgresql://txmgr@db0/txlog"   # or: participant = "orders"
     idle_timeout = 60                       # seconds; see LogSettings
 
+    # or, Paxos mode: a majority of 3 (5, 7, 9) log databases decides
+    # [log]
+    # mode = "paxos"
+    # dsns = ["postgresql://txmgr@db0/txlog", "postgresql://txmgr@db1/txlog", …]
+
     [participants]
     orders = "postgresql://app@db1/orders"
     billing = "postgresql://app@db2/billing"
@@ -38,6 +43,7 @@ import psycopg.conninfo
 from txmgr._dsn import mask
 from txmgr._gid import check_participant_name
 from txmgr.errors import ConfigError
+from txmgr.paxos._log import PaxosLog
 
 __all__ = ["CONFIG_ENV", "Config", "resolve_config_path"]
 
@@ -48,12 +54,14 @@ CONFIG_ENV = "TXMGR_CONFIG"
 class Config:
     """Everything txmgr needs to know; build it directly or with :meth:`from_file`.
 
-    ``log`` is either a DSN of a dedicated log database or the name of a
-    participant that keeps the log tables in its own database.
+    ``log`` is either a DSN of a dedicated log database, the name of a
+    participant that keeps the log tables in its own database, or a
+    :class:`txmgr.PaxosLog` (Paxos mode: a majority of several log databases
+    decides each transaction).
     """
 
     participants: Mapping[str, str]
-    log: str
+    log: str | PaxosLog
     #: idle_in_transaction_session_timeout of the decision transaction, seconds:
     #: a coordinator that hangs this long inside the protocol is aborted by the
     #: log server itself, so recovery never waits on it forever.
@@ -77,18 +85,20 @@ class Config:
             if not isinstance(dsn, str) or not dsn.strip():
                 raise ConfigError(f"participant {name!r}: the DSN must be a non-empty string")
             _check_dsn(name, dsn)
-        if not isinstance(self.log, str) or not self.log.strip():
+        if isinstance(self.log, PaxosLog):
+            pass  # checked by its own constructor
+        elif not isinstance(self.log, str) or not self.log.strip():
             raise ConfigError(
                 "no decision log configured: set [log] dsn = \"postgresql://…\" or "
                 "[log] participant = \"<participant name>\""
             )
-        if self.log not in self.participants and not _looks_like_dsn(self.log):
+        elif self.log not in self.participants and not _looks_like_dsn(self.log):
             raise ConfigError(
                 f"log {mask(self.log)!r} is neither a configured participant nor a DSN: give "
                 "a connection string such as 'postgresql://user@host/txlog' or one of "
                 f"{sorted(self.participants)}"
             )
-        if self.log not in self.participants:
+        elif self.log not in self.participants:
             _check_dsn("log", self.log)
         _positive("log idle_timeout", self.log_idle_timeout)
         _positive("connect_timeout", self.connect_timeout)
@@ -104,17 +114,30 @@ class Config:
         # traceback's locals, a debug log line, an error report).
         shown: dict[str, object] = {f.name: getattr(self, f.name) for f in fields(self)}
         shown["participants"] = {name: mask(dsn) for name, dsn in self.participants.items()}
-        shown["log"] = mask(self.log)
+        shown["log"] = self.log if isinstance(self.log, PaxosLog) else mask(self.log)
         return f"Config({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
+    def paxos_log(self) -> PaxosLog | None:
+        """The Paxos decision log, or None in the default mode (one log database)."""
+        return self.log if isinstance(self.log, PaxosLog) else None
+
+    @property
     def log_participant(self) -> str | None:
-        """The participant holding the log tables, or None for a dedicated log database."""
+        """The participant holding the log tables, or None for a dedicated log database
+        (and in Paxos mode)."""
+        if isinstance(self.log, PaxosLog):
+            return None
         return self.log if self.log in self.participants else None
 
     @property
     def log_dsn(self) -> str:
-        """DSN of the database holding the decision log."""
+        """DSN of the database holding the decision log (not in Paxos mode: ConfigError)."""
+        if isinstance(self.log, PaxosLog):
+            raise ConfigError(
+                "this configuration uses a Paxos log (several log databases): there is no "
+                "single decision log DSN; use config.paxos_log"
+            )
         return self.participants.get(self.log, self.log)
 
     @classmethod
@@ -135,8 +158,27 @@ class Config:
         where = f" in {source}" if source else ""
         _only(data, {"log", "participants", "pool", "recovery", "metrics"}, "top level", where)
         log = _table(data, "log", where)
-        _only(log, {"dsn", "participant", "idle_timeout"}, "[log]", where)
-        if ("dsn" in log) == ("participant" in log):
+        _only(log, {"dsn", "participant", "idle_timeout", "mode", "dsns"}, "[log]", where)
+        mode = log.get("mode", "single")
+        if mode not in ("single", "paxos"):
+            raise ConfigError(
+                f"[log] mode = {mode!r}{where}: choose \"single\" (the default: one log "
+                "database) or \"paxos\" (dsns = [...]: a majority of several decides)"
+            )
+        if mode == "paxos":
+            if "dsn" in log or "participant" in log or "dsns" not in log:
+                raise ConfigError(
+                    f"[log] mode = \"paxos\"{where} needs dsns = [\"postgresql://…\", …] (an "
+                    "odd number of log databases, 3 to 9) and neither dsn nor participant"
+                )
+            if not isinstance(log["dsns"], list):
+                raise ConfigError(f"[log] dsns{where} must be a list of DSN strings")
+        elif "dsns" in log:
+            raise ConfigError(
+                f"[log] dsns{where} is for Paxos mode: add mode = \"paxos\", or give one "
+                "dsn = \"postgresql://…\""
+            )
+        elif ("dsn" in log) == ("participant" in log):
             raise ConfigError(
                 f"[log]{where} needs exactly one of dsn = \"postgresql://…\" (a dedicated log "
                 "database) or participant = \"name\" (keep the log inside that participant)"
@@ -154,13 +196,18 @@ class Config:
         metrics = _table(data, "metrics", where, required=False)
         _only(metrics, {"port", "address"}, "[metrics]", where)
         try:
+            connect_timeout = float(pool.get("connect_timeout", 10.0))
+            log_value: str | PaxosLog = (
+                PaxosLog(log["dsns"], connect_timeout=connect_timeout)
+                if mode == "paxos" else log.get("dsn") or log["participant"]
+            )
             return cls(
                 participants=dict(participants),
-                log=log.get("dsn") or log["participant"],
+                log=log_value,
                 log_idle_timeout=float(log.get("idle_timeout", 60.0)),
                 pool_min_size=int(pool.get("min_size", 1)),
                 pool_max_size=int(pool.get("max_size", 10)),
-                connect_timeout=float(pool.get("connect_timeout", 10.0)),
+                connect_timeout=connect_timeout,
                 recovery_interval=float(recovery.get("interval", 10.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
                 metrics_address=str(metrics.get("address", "127.0.0.1")),

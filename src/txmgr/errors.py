@@ -15,6 +15,7 @@ The tree::
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
     │   └── UnsupportedServer        PostgreSQL older than 13
     ├── LogSchemaError               decision log schema missing or out of date
+    ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
     ├── TransactionStateError        the API was used in the wrong order
     │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
     │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
@@ -33,6 +34,7 @@ __all__ = [
     "BranchNotFound",
     "ConfigError",
     "InvalidParticipantName",
+    "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
     "OutcomeUnknown",
@@ -94,6 +96,22 @@ class UnsupportedServer(ParticipantError):
 
 class LogSchemaError(TxmgrError):
     """The decision log tables are missing or at another schema revision."""
+
+
+class LogQuorumUnavailable(TxmgrError):
+    """Fewer than a majority of the Paxos log databases answered.
+
+    Raised before anything was prepared, so nothing is committed anywhere;
+    ``answered`` and ``needed`` count log databases, ``problems`` says what
+    each unreachable one answered (DSNs masked).
+    """
+
+    def __init__(self, message: str, *, answered: int, needed: int,
+                 problems: list[str]) -> None:
+        super().__init__(message)
+        self.answered = answered
+        self.needed = needed
+        self.problems = problems
 
 
 class TransactionStateError(TxmgrError):

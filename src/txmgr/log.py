@@ -41,6 +41,7 @@ from txmgr._dsn import mask, session_options
 from txmgr.errors import LogSchemaError
 
 __all__ = [
+    "MIN_SCHEMA_REVISION",
     "SCHEMA_REVISION",
     "DecisionRow",
     "XactStatus",
@@ -55,8 +56,11 @@ __all__ = [
     "xact_status",
 ]
 
-#: The alembic revision this code expects; tests check it is the migrations' head.
-SCHEMA_REVISION = "0002"
+#: The migrations' head (tests check it). Revision 0003 only adds the Paxos
+#: acceptor's tables, so the default mode works on a log at any revision from
+#: :data:`MIN_SCHEMA_REVISION` up to this one and never demands 0003.
+SCHEMA_REVISION = "0003"
+MIN_SCHEMA_REVISION = "0002"
 VERSION_TABLE = "txmgr_alembic_version"
 
 #: pg_xact_status, plus "future" for an xid the server has not handed out
@@ -76,7 +80,8 @@ class DecisionRow:
 
 
 def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
-    """The log's id, after checking that its schema is at :data:`SCHEMA_REVISION`.
+    """The log's id, after checking that its schema is at a revision from
+    :data:`MIN_SCHEMA_REVISION` to :data:`SCHEMA_REVISION`.
 
     Raises LogSchemaError naming the command to run when it is not.
     """
@@ -94,11 +99,12 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     _reset(conn)
     assert row is not None
     logid, revision = row
-    if revision != SCHEMA_REVISION or logid is None:
+    usable = isinstance(revision, str) and MIN_SCHEMA_REVISION <= revision <= SCHEMA_REVISION
+    if not usable or logid is None:
         direction = "newer txmgr" if revision and revision > SCHEMA_REVISION else fix
         raise LogSchemaError(
             f"the decision log at {mask(dsn)} is at schema revision {revision!r}, this "
-            f"txmgr needs {SCHEMA_REVISION!r}: "
+            f"txmgr needs {MIN_SCHEMA_REVISION!r} to {SCHEMA_REVISION!r}: "
             + (f"it was migrated by a {direction}; upgrade txmgr" if direction != fix else fix)
         )
     return str(logid)

@@ -21,7 +21,7 @@ import psycopg_pool
 from txmgr import log as decision_log
 from txmgr._manager_base import FORGET_BATCH, ManagerBase
 from txmgr.config import Config
-from txmgr.errors import ParticipantUnavailable
+from txmgr.errors import ConfigError, ParticipantUnavailable
 from txmgr.hooks import Hooks
 from txmgr.participant import Participant
 from txmgr.transaction import Transaction
@@ -39,6 +39,9 @@ class TransactionManager(ManagerBase[Participant]):
     ...     tx.connection("orders").execute("INSERT …")
     ...     tx.connection("billing").execute("UPDATE …")
     >>> tm.close()
+
+    ``log`` may be a :class:`txmgr.PaxosLog` (Paxos mode: a majority of several
+    log databases decides; the manager closes it when it closes).
 
     Options: ``log_idle_timeout`` (seconds), ``pool_min_size``,
     ``pool_max_size``, ``connect_timeout`` (seconds), ``hooks`` (a
@@ -64,11 +67,23 @@ class TransactionManager(ManagerBase[Participant]):
     def transaction(self) -> Transaction:
         """A new global transaction; use it as a context manager."""
         self._require_open("transaction()")
-        self.logid()  # fail before any work when the log is unusable
+        self._check_log()  # fail before any work when the log is unusable
         return Transaction(self)
+
+    def _check_log(self) -> None:
+        if self.config.paxos_log is None:
+            self.logid()
+        elif self._logid is None:
+            with self._lock:
+                if self._logid is None:
+                    # Every log database's schema, and a majority answering.
+                    self.config.paxos_log.check()
+                    self._logid = "paxos"
 
     def logid(self) -> str:
         """The decision log's id (connects and checks the log schema on first call)."""
+        if self.config.paxos_log is not None:
+            raise ConfigError("a Paxos log has no single log id: each gid names its voters")
         logid = self._logid
         if logid is None:
             with self._lock:
@@ -79,7 +94,7 @@ class TransactionManager(ManagerBase[Participant]):
 
     def check(self) -> None:
         """Connect to every participant and the log now, raising the first problem."""
-        self.logid()
+        self._check_log()
         for p in self._participants.values():
             p.pool()
 
@@ -96,6 +111,8 @@ class TransactionManager(ManagerBase[Participant]):
             p.close()
         if self._log_pool is not None:
             self._log_pool.close()
+        if self.config.paxos_log is not None:
+            self.config.paxos_log.close()
 
     def __enter__(self) -> TransactionManager:
         return self
@@ -144,7 +161,10 @@ class TransactionManager(ManagerBase[Participant]):
         if not batch:
             return
         try:
-            if self.log_participant is None:
+            paxos = self.config.paxos_log
+            if paxos is not None:
+                paxos.forget(batch)
+            elif self.log_participant is None:
                 conn = self.log_connection()
                 try:
                     decision_log.delete_decisions(conn, batch)

@@ -20,6 +20,15 @@ One pass:
 
 Every step is idempotent, so concurrent passes, or a pass racing a live
 coordinator, never do harm. No clock and no timeout decides anything.
+
+In Paxos mode (``config.paxos_log``) a pass reads every slot of the log
+databases, lists the ``txp1_`` gids on every participant, groups them by
+transaction (each gid names its voters) and learns their outcomes; a
+transaction still undecided after a grace period (its coordinator is gone)
+is decided by a Paxos round of its own (abort, unless commit was accepted).
+The branches are then committed or rolled back as above, and the slots of
+finished transactions deleted. Here a clock only chooses *when* recovery
+steps in; what is decided stays safe whatever it says.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ from txmgr._gid import Gid, log_prefix
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
 from txmgr.participant import PreparedBranch, list_prepared
+from txmgr.paxos._core import Outcome as PaxosOutcome
+from txmgr.paxos._core import Voters
+from txmgr.paxos._gid import PAXOS_GID_PREFIX, PaxosGid
+from txmgr.paxos._log import PaxosLog
 
 __all__ = ["Recoverer", "RecoveryReport", "Resolution", "recover"]
 
@@ -123,6 +136,9 @@ class Recoverer:
     """Runs recovery passes, keeping its connections between passes (for the daemon).
 
     ``on_resolution`` is called for every branch committed or rolled back.
+    ``paxos_grace`` (Paxos mode): seconds a registered transaction is left to
+    its coordinator before recovery decides it (default: the config's
+    ``log_idle_timeout``).
     """
 
     def __init__(
@@ -130,9 +146,11 @@ class Recoverer:
         config: Config,
         *,
         on_resolution: Callable[[Resolution], None] | None = None,
+        paxos_grace: float | None = None,
     ) -> None:
         self.config = config
         self._on_resolution = on_resolution
+        self.paxos_grace = config.log_idle_timeout if paxos_grace is None else paxos_grace
         self._conns = ConnectionCache(connect_timeout=config.connect_timeout)
 
     def close(self) -> None:
@@ -153,6 +171,9 @@ class Recoverer:
     def run_pass(self) -> RecoveryReport:
         """One recovery pass over every participant; never raises for a server that
         is down (it is reported in the result)."""
+        paxos = self.config.paxos_log
+        if paxos is not None:
+            return self._paxos_pass(paxos)
         report = RecoveryReport()
         try:
             lconn = self.log_connection()
@@ -211,6 +232,122 @@ class Recoverer:
                 remaining.add(res.txid)
         self._cleanup(lconn, rows, listed, remaining, report)
         return report
+
+    def _list_all(
+        self, prefix: str, report: RecoveryReport
+    ) -> dict[str, list[PreparedBranch]]:
+        """The prepared gids starting with ``prefix`` on every participant that answers."""
+        listed: dict[str, list[PreparedBranch]] = {}
+        for name, dsn in self.config.participants.items():
+            try:
+                listed[name] = list_prepared(self._conn(name, dsn), prefix)
+            except (psycopg.Error, TxmgrError) as e:
+                self._drop(name)
+                report.unreachable.append(name)
+                report.errors.append(f"{name}: {redact(str(e))}")
+        return listed
+
+    def _paxos_pass(self, log: PaxosLog) -> RecoveryReport:
+        """One pass in Paxos mode (see the module docstring)."""
+        report = RecoveryReport()
+        # The slots first: a slot seen here and no branch in the later listing
+        # means its branches are finished (or were never prepared).
+        try:
+            statuses = log.slots()
+        except TxmgrError as e:
+            report.log_reachable = False
+            report.errors.append(f"log: {redact(str(e))}")
+            return report
+        reached = [st for st in statuses if st.error is None]
+        if len(reached) < log.quorum:
+            report.log_reachable = False
+            report.errors.append(
+                f"log: only {len(reached)} of {len(statuses)} Paxos log databases answered, "
+                f"{log.quorum} are needed: "
+                + "; ".join(f"{st.dsn}: {st.error}" for st in statuses if st.error)
+            )
+        ages: dict[str, float] = {}  # txid -> seconds since its registration
+        commits: set[str] = set()  # txids with a commit accepted somewhere
+        for st in reached:
+            for txid, age in st.ages.items():
+                ages[txid] = max(age, ages.get(txid, 0.0))
+            commits.update(t for t, slot in st.slots.items() if slot.holds_commit)
+        listed = self._list_all(PAXOS_GID_PREFIX, report)
+        found: dict[str, Voters] = {}
+        todo_gids: list[tuple[str, PreparedBranch, PaxosGid]] = []
+        for name, branches in listed.items():
+            for branch in branches:
+                gid = PaxosGid.parse(branch.gid)
+                if gid is None:  # our prefix but not our format: not ours to touch
+                    continue
+                found.setdefault(gid.txid, gid.voters)
+                todo_gids.append((name, branch, gid))
+        outcomes: dict[str, PaxosOutcome] = {}
+        try:
+            outcomes = log.learn(found)
+            for txid, learned in outcomes.items():
+                # No slot seen: registered after the scan, its coordinator is at work.
+                age = ages.get(txid, 0.0)
+                if learned.decision == "undecided" and age >= self.paxos_grace:
+                    # Its coordinator had its time: decide (abort, unless commit
+                    # was accepted somewhere that a quorum reports).
+                    outcomes[txid] = log.recover(txid, found[txid])
+        except TxmgrError as e:
+            report.log_reachable = False
+            report.errors.append(f"log: {redact(str(e))}")
+        slots: list[Resolution | _Todo] = []
+        todo: dict[str, list[_Todo]] = {}
+        for name, branch, gid in todo_gids:
+            out = outcomes.get(gid.txid)
+            if out is None or not (out.commits or out.rolls_back):
+                detail = out.detail if out is not None else "the Paxos log did not answer"
+                slots.append(Resolution(name, branch.gid, gid.txid, "in progress",
+                                        branch.prepared, f"undecided: {detail}"))
+                continue
+            item = _Todo(name, branch, gid, commit=out.commits)
+            slots.append(item)
+            todo.setdefault(name, []).append(item)
+        self._finish_all(todo)
+        remaining: set[str] = set()
+        for slot in slots:
+            res = slot if isinstance(slot, Resolution) else slot.resolution
+            assert res is not None
+            report.resolutions.append(res)
+            if res.outcome == "error":
+                report.errors.append(f"{res.participant}: {res.gid}: {res.detail}")
+            if res.outcome in ("in progress", "busy", "error"):
+                remaining.add(res.txid)
+        if len(listed) == len(self.config.participants):  # else a branch may hide
+            self._paxos_cleanup(log, found, outcomes, ages, commits, remaining, report)
+        return report
+
+    def _paxos_cleanup(
+        self, log: PaxosLog, found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
+        ages: dict[str, float], commits: set[str], remaining: set[str],
+        report: RecoveryReport,
+    ) -> None:
+        """Delete the slots of finished transactions, and of those never prepared."""
+        finished = [t for t in found if t not in remaining and t in outcomes
+                    and (outcomes[t].commits or outcomes[t].rolls_back)]
+        # Slots and no prepared branch. A commit accepted before the scan means
+        # every branch was prepared before the listing, which found none: all
+        # finished. Otherwise the coordinator may not have prepared yet (or
+        # never will): after its grace period the slot goes — unless it holds
+        # a commit by then (keep_commit), as deleting a slot that holds no
+        # commit is always safe (see the lemma in txmgr.paxos._core).
+        done = [t for t in ages if t not in found and t in commits]
+        orphans = [t for t in ages if t not in found and t not in commits]
+        try:
+            deleted = 0
+            if finished or done:
+                deleted += len(log.forget([*finished, *done]).deleted)
+            if orphans:
+                deleted += len(log.forget(orphans, keep_commit=True,
+                                          min_age=self.paxos_grace).deleted)
+            report.decisions_deleted = deleted
+        except TxmgrError as e:
+            report.errors.append(f"log: could not delete finished slots: {redact(str(e))}")
+        report.decisions_pending = len(set(ages) | set(found)) - report.decisions_deleted
 
     def _finish_all(self, todo: dict[str, list[_Todo]]) -> None:
         """COMMIT or ROLLBACK PREPARED every branch of ``todo``: pipelined on each
@@ -272,7 +409,7 @@ class _Todo:
 
     participant: str
     branch: PreparedBranch
-    gid: Gid
+    gid: Gid | PaxosGid
     commit: bool
     resolution: Resolution | None = None
 

@@ -22,6 +22,8 @@ from txmgr._ops import (
     Forget,
     LogConnection,
     Op,
+    PaxosPropose,
+    PaxosRegister,
     ReadDecision,
     Release,
     ReleaseLog,
@@ -32,6 +34,7 @@ from txmgr._ops import (
 from txmgr._protocol import TransactionState
 from txmgr.log import XactStatus
 from txmgr.participant import Participant
+from txmgr.paxos._log import PaxosLog
 
 __all__ = ["CONFIRM_PATIENCE", "Transaction", "TransactionState"]
 
@@ -51,6 +54,7 @@ class _Manager(_protocol.Coordinator, Protocol):
     def release_log_connection(self, conn: psycopg.Connection[Any]) -> None: ...
     def read_decision(self, lxid: int, txid: str) -> tuple[XactStatus, bool]: ...
     def forget(self, txids: Iterable[str]) -> None: ...
+    def paxos(self) -> PaxosLog: ...
 
 
 class Transaction:
@@ -138,4 +142,14 @@ def _perform(tm: _Manager, op: Op) -> Any:
             time.sleep(seconds)
         case Forget(txids):
             tm.forget(txids)
+        case PaxosRegister(txid):
+            return tm.paxos().begin(txid)
+        case PaxosPropose(txid, voters, participants):
+            # Finished transactions ride on the same statement (deleted there).
+            forget = tm.take_forget()
+            try:
+                return tm.paxos().propose_commit(txid, voters, participants, forget=forget)
+            except BaseException:
+                tm.forget_later(forget)
+                raise
     return None

@@ -23,11 +23,17 @@ __all__ = ["migrate_cmd"]
 def migrate_cmd(config_path: str | None, revision: str) -> None:
     """Create or upgrade the decision log tables in the log database."""
     config = load_config(config_path)
-    before, after = migrate(config.log_dsn, revision=revision, name=config.log_participant or "log")
-    where = mask(config.log_dsn)
-    if before == after:
-        click.echo(f"decision log at {where} is up to date (revision {after or 'empty'})")
+    paxos = config.paxos_log
+    if paxos is not None:  # Paxos mode: every log database, one after the other
+        targets = [(dsn, "log") for dsn in paxos.dsns]
     else:
-        click.echo(
-            f"decision log at {where} migrated from {before or 'empty'} to {after or 'empty'}"
-        )
+        targets = [(config.log_dsn, config.log_participant or "log")]
+    for dsn, name in targets:
+        before, after = migrate(dsn, revision=revision, name=name)
+        where = mask(dsn)
+        if before == after:
+            click.echo(f"decision log at {where} is up to date (revision {after or 'empty'})")
+        else:
+            click.echo(
+                f"decision log at {where} migrated from {before or 'empty'} to {after or 'empty'}"
+            )

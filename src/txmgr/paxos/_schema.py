@@ -1,8 +1,8 @@
 """The acceptor's tables (schema revision 0003) and the check that they are there.
 
-Revision 0003 of txmgr's migrations creates them (``_migration_0003.py`` holds
-the alembic revision file, to be moved into ``migrations/versions``); the DDL
-lives here, frozen, so that the migration and the tests create the same thing.
+Revision 0003 of txmgr's migrations creates them
+(``txmgr/migrations/versions/0003_paxos_acceptor.py``); the DDL lives here,
+frozen, so that the migration and the tests create the same thing.
 
 - ``txmgr_paxos_acceptor``: one row, the acceptor's *incarnation* — a random
   id created with the tables. A database wiped and migrated again gets a new
@@ -62,8 +62,8 @@ DOWNGRADE: tuple[str, ...] = (
 def install(dsn: str) -> None:
     """Create the acceptor tables in ``dsn`` directly, in one transaction.
 
-    For tests and tools until revision 0003 is part of ``txmgr migrate``;
-    production databases get them from the migration.
+    For tests and tools; production databases get them from ``txmgr migrate``
+    (which also creates the default mode's tables).
     """
     with psycopg.connect(dsn) as conn:
         for statement in UPGRADE:

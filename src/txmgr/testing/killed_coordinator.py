@@ -5,9 +5,10 @@ finishes whatever a dead coordinator leaves prepared::
 
     python -m txmgr.testing.killed_coordinator SPEC_JSON
 
-``SPEC_JSON`` is a JSON object: ``participants`` (name -> DSN), ``log`` (DSN
-or participant name), ``statements`` (name -> list of SQL strings run in that
-participant's branch) and ``kill_at``, one of:
+``SPEC_JSON`` is a JSON object: ``participants`` (name -> DSN), ``log`` (DSN,
+participant name, or ``{"paxos": [DSN, …]}`` for a Paxos log), ``statements``
+(name -> list of SQL strings run in that participant's branch) and
+``kill_at``, one of:
 
 - ``after_vote``: before anything is prepared;
 - ``after_prepare``: right after the first branch is prepared (others may
@@ -36,6 +37,7 @@ from typing import Any
 from txmgr import failpoints
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
+from txmgr.paxos import PaxosLog
 
 __all__ = ["KILL_POINTS", "KillingHooks", "main"]
 
@@ -124,7 +126,10 @@ def run(spec: dict[str, Any]) -> None:
         failpoints.enable(spec["failpoint"], "crash")
     else:
         hooks = KillingHooks(spec["kill_at"], spec["participants"])
-    tm = TransactionManager(spec["participants"], spec["log"], pool_min_size=0, hooks=hooks)
+    log = spec["log"]
+    if isinstance(log, dict):
+        log = PaxosLog(log["paxos"])
+    tm = TransactionManager(spec["participants"], log, pool_min_size=0, hooks=hooks)
     with tm.transaction() as tx:
         print(f"TXID {tx.txid}", flush=True)
         for name, statements in spec["statements"].items():

@@ -1,10 +1,8 @@
 """Paxos mode: the acceptor's identity and one slot per global transaction.
 
-To be moved to ``txmgr/migrations/versions/0003_paxos_acceptor.py`` together
-with raising ``txmgr.log.SCHEMA_REVISION`` to "0003" (kept out of the
-migration chain until then: adding a revision changes the head every log is
-migrated to, and the default mode accepts exactly its own revision). The DDL
-is :data:`txmgr.paxos._schema.UPGRADE`, frozen there.
+A log database of the default mode may be at this revision or at 0002 (see
+:func:`txmgr.log.read_logid`); a Paxos log database needs it. The DDL is
+:data:`txmgr.paxos._schema.UPGRADE`, frozen there.
 
 Revision ID: 0003
 Revises: 0002

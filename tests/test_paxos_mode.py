@@ -1,0 +1,316 @@
+"""Paxos mode wired into txmgr: TransactionManager(log=PaxosLog([...])) and recovery.
+
+Real servers throughout: two participant databases (a bank, see support.py)
+and three log databases migrated with ``txmgr.migrate`` (revision 0003 holds
+the acceptor tables). A log database is down when the FaultProxy in front of
+it is stopped; a coordinator crashes in a subprocess at a failpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+import txmgr
+from support import Bank, MakeBank, query, transfer
+from txmgr.failpoints import CRASH_EXIT
+from txmgr.paxos import PAXOS_GID_PREFIX
+from txmgr.testing import Server
+from txmgr.testing.proxy import FaultProxy
+from txmgr.testing.pytest_plugin import MakeDatabase
+
+
+@pytest.fixture
+def acceptors(make_database: MakeDatabase, pg_servers: list[Server]) -> list[str]:
+    """Three log databases, spread over the session's servers, migrated to head."""
+    dsns = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
+    for dsn in dsns:
+        txmgr.migrate(dsn)
+    return dsns
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[FaultProxy]]:
+    made: list[FaultProxy] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Any]]:
+    """Managers and logs to close before the databases are dropped."""
+    made: list[Any] = []
+    yield made
+    for thing in reversed(made):
+        thing.close()
+
+
+def proxied(proxies: list[FaultProxy], dsn: str) -> str:
+    params = conninfo_to_dict(dsn)
+    proxy = FaultProxy(str(params["host"]), int(str(params["port"]))).start()
+    proxies.append(proxy)
+    return proxy.dsn(dsn)
+
+
+def paxos_log(closing: list[Any], dsns: list[str]) -> txmgr.PaxosLog:
+    log = txmgr.PaxosLog(dsns, connect_timeout=5)
+    closing.append(log)
+    return log
+
+
+def manager(closing: list[Any], bank: Bank, dsns: list[str]) -> txmgr.TransactionManager:
+    tm = txmgr.TransactionManager(bank.dsns, log=txmgr.PaxosLog(dsns, connect_timeout=5),
+                                  connect_timeout=5)
+    closing.append(tm)  # closes its PaxosLog too
+    return tm
+
+
+def run(tm: txmgr.TransactionManager, statements: dict[str, list[str]]) -> str:
+    with tm.transaction() as tx:
+        for name, stmts in statements.items():
+            for stmt in stmts:
+                tx.connection(name).execute(stmt)
+    return tx.txid
+
+
+def paxos_prepared(bank: Bank) -> list[str]:
+    return sorted(
+        r[0] for dsn in bank.dsns.values()
+        for r in query(dsn, "SELECT gid FROM pg_prepared_xacts WHERE starts_with(gid, %s)",
+                       (PAXOS_GID_PREFIX,))
+    )
+
+
+def slot_txids(log: txmgr.PaxosLog) -> set[str]:
+    return {t for st in log.slots() for t in st.slots}
+
+
+def crash_at(bank: Bank, dsns: list[str], failpoint: str,
+             statements: dict[str, list[str]]) -> str:
+    """A coordinator subprocess with a Paxos log, ended by a ``crash`` failpoint; its txid."""
+    spec = {"participants": bank.dsns, "log": {"paxos": dsns}, "statements": statements,
+            "failpoint": failpoint}
+    proc = subprocess.run(
+        [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
+    line = proc.stdout.split()
+    assert line[0] == "TXID", proc.stdout
+    return line[1]
+
+
+def recover(bank: Bank, closing: list[Any], dsns: list[str]) -> txmgr.RecoveryReport:
+    config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, dsns))
+    # Grace 0: the coordinator is known dead, recovery may decide at once.
+    recoverer = txmgr.Recoverer(config, paxos_grace=0)
+    try:
+        return recoverer.run_pass()
+    finally:
+        recoverer.close()
+
+
+# -- commits -------------------------------------------------------------------------
+
+
+def test_a_transfer_commits_through_paxos(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    tm = manager(closing, bank, acceptors)
+    observer = paxos_log(closing, acceptors)
+    txid = run(tm, transfer(30, "a", "b"))
+    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
+    assert bank.total() == bank.expected_total
+    assert paxos_prepared(bank) == []
+    out = observer.slots([txid])
+    assert sum(1 for st in out if txid in st.slots and st.slots[txid].holds_commit) >= 2
+    # One writer: one-phase commit, the log databases are not asked at all.
+    single = run(tm, {"a": ["UPDATE accounts SET balance = balance + 1 WHERE id = 2"]})
+    assert bank.balance("a", 2) == 1001
+    assert single not in slot_txids(observer)
+    tm.close()  # deletes the finished transaction's slots
+    assert txid not in slot_txids(observer)
+
+
+def test_a_failed_prepare_aborts_and_leaves_nothing(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    # A deferred unique constraint is checked by PREPARE TRANSACTION: b votes no.
+    query(bank.dsns["b"], "CREATE TABLE once (x int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    tm = manager(closing, bank, acceptors)
+    statements = transfer(30, "a", "b")
+    statements["b"] += ["INSERT INTO once VALUES (1), (1)"]
+    with pytest.raises(txmgr.TransactionAborted, match="could not prepare"):
+        run(tm, statements)
+    assert (bank.balance("a"), bank.balance("b")) == (1000, 1000)
+    assert paxos_prepared(bank) == []
+
+
+def test_an_async_manager_refuses_a_paxos_log(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    with pytest.raises(txmgr.ConfigError, match="does not support a Paxos log"):
+        txmgr.AsyncTransactionManager(bank.dsns, log=paxos_log(closing, acceptors))
+
+
+# -- log databases down -----------------------------------------------------------------
+
+
+def test_one_log_database_down_commits_continue(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy]
+) -> None:
+    bank = make_bank()
+    dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
+    tm = manager(closing, bank, dsns)
+    run(tm, transfer(10, "a", "b"))
+    proxies[0].stop()  # down: connections refused, open ones gone
+    for _ in range(3):
+        run(tm, transfer(10, "a", "b"))
+    assert (bank.balance("a"), bank.balance("b")) == (960, 1040)
+    assert paxos_prepared(bank) == []
+
+
+def test_two_log_databases_down_abort_with_nothing_prepared(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy]
+) -> None:
+    bank = make_bank()
+    dsns = [acceptors[0], proxied(proxies, acceptors[1]), proxied(proxies, acceptors[2])]
+    tm = manager(closing, bank, dsns)
+    run(tm, transfer(10, "a", "b"))
+    for p in proxies:
+        p.stop()
+    with pytest.raises(txmgr.TransactionAborted, match="Paxos log") as caught:
+        run(tm, transfer(10, "a", "b"))
+    assert isinstance(caught.value.__cause__, txmgr.LogQuorumUnavailable)
+    assert (bank.balance("a"), bank.balance("b")) == (990, 1010)
+    assert paxos_prepared(bank) == []
+
+
+# -- a crashed coordinator, and recovery -------------------------------------------------
+
+
+@pytest.mark.parametrize("failpoint", ["after_prepare", "before_decision"])
+def test_a_coordinator_crashed_before_the_decision_is_rolled_back(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], failpoint: str
+) -> None:
+    bank = make_bank()
+    txid = crash_at(bank, acceptors, failpoint, transfer(30, "a", "b"))
+    assert paxos_prepared(bank), "the crash left no prepared branch"
+    report = recover(bank, closing, acceptors)
+    assert report.ok, report.errors
+    assert report.rolled_back >= 1 and report.committed == 0
+    assert paxos_prepared(bank) == []
+    assert (bank.balance("a"), bank.balance("b")) == (1000, 1000)
+    assert txid not in slot_txids(paxos_log(closing, acceptors))  # forgotten
+
+
+def test_a_coordinator_crashed_after_the_decision_is_committed(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    txid = crash_at(bank, acceptors, "after_decision", transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    report = recover(bank, closing, acceptors)
+    assert report.ok, report.errors
+    assert report.committed == 2
+    assert paxos_prepared(bank) == []
+    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
+    assert txid not in slot_txids(paxos_log(closing, acceptors))
+    assert recover(bank, closing, acceptors).resolutions == []  # nothing left to do
+
+
+@pytest.mark.parametrize(("failpoint", "moved"), [("before_decision", 0),
+                                                   ("after_decision", 30)])
+def test_recovery_with_one_log_database_down(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+    failpoint: str, moved: int,
+) -> None:
+    bank = make_bank()
+    dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
+    crash_at(bank, dsns, failpoint, transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    proxies[0].stop()
+    report = recover(bank, closing, dsns)
+    assert paxos_prepared(bank) == []
+    assert (bank.balance("a"), bank.balance("b")) == (1000 - moved, 1000 + moved)
+    assert report.committed + report.rolled_back == 2
+
+
+def test_config_from_toml_in_paxos_mode(tmp_path: Any, acceptors: list[str],
+                                        closing: list[Any]) -> None:
+    path = tmp_path / "txmgr.toml"
+    path.write_text(
+        "[log]\nmode = \"paxos\"\ndsns = " + json.dumps(acceptors) + "\n"
+        "[participants]\na = \"postgresql://u@h/a\"\n"
+    )
+    config = txmgr.Config.from_file(path)
+    log = config.paxos_log
+    assert isinstance(log, txmgr.PaxosLog) and log.dsns == tuple(acceptors)
+    closing.append(log)
+    assert config.log_participant is None
+    with pytest.raises(txmgr.ConfigError, match="Paxos log"):
+        _ = config.log_dsn
+    path.write_text("[log]\nmode = \"paxos\"\ndsn = \"postgresql://u@h/x\"\n"
+                    "[participants]\na = \"postgresql://u@h/a\"\n")
+    with pytest.raises(txmgr.ConfigError, match="needs dsns"):
+        txmgr.Config.from_file(path)
+    path.write_text("[log]\nmode = \"paxos\"\ndsns = [\"postgresql://u@h/x\"]\n"
+                    "[participants]\na = \"postgresql://u@h/a\"\n")
+    with pytest.raises(txmgr.ConfigError, match="odd number"):
+        txmgr.Config.from_file(path)
+
+
+def test_cli_migrates_every_log_database_and_recovers(
+    tmp_path: Any, make_bank: MakeBank, make_database: MakeDatabase, pg_servers: list[Server],
+    closing: list[Any],
+) -> None:
+    bank = make_bank()
+    dsns = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
+    path = tmp_path / "txmgr.toml"
+    path.write_text(
+        "[log]\nmode = \"paxos\"\ndsns = " + json.dumps(dsns) + "\n[participants]\n"
+        + "".join(f"{name} = {json.dumps(dsn)}\n" for name, dsn in bank.dsns.items())
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "txmgr.cli", *args, "--config", str(path)],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    migrated = cli("migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.stdout.count("migrated from empty to 0003") == 3
+    paxos_log(closing, dsns).check()  # every log database has the acceptor tables
+    crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
+    recovered = cli("recover")
+    assert recovered.returncode == 0, recovered.stderr
+    assert recovered.stdout.strip().splitlines()[-1].startswith("committed=2 rolled_back=0")
+    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
+
+
+def test_recovery_deletes_a_registration_nothing_was_prepared_for(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    observer = paxos_log(closing, acceptors)
+    txid = "0123456789abcdef"
+    observer.begin(txid)  # a coordinator that registered, then died before PREPARE
+    config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, acceptors))
+    patient = txmgr.Recoverer(config, paxos_grace=3600)
+    try:
+        patient.run_pass()  # its coordinator may still be at work: left alone
+        assert txid in slot_txids(observer)
+    finally:
+        patient.close()
+    report = recover(bank, closing, acceptors)
+    assert report.ok, report.errors
+    assert txid not in slot_txids(observer)

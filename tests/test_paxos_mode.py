@@ -9,18 +9,22 @@ it is stopped; a coordinator crashes in a subprocess at a failpoint.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
+from ops_support import DaemonProcess, metric, wait_for
 from support import Bank, MakeBank, query, transfer
 from txmgr.failpoints import CRASH_EXIT
 from txmgr.paxos import PAXOS_GID_PREFIX
+from txmgr.resolve import resolve
 from txmgr.testing import Server
 from txmgr.testing.proxy import FaultProxy
 from txmgr.testing.pytest_plugin import MakeDatabase
@@ -314,3 +318,99 @@ def test_recovery_deletes_a_registration_nothing_was_prepared_for(
     report = recover(bank, closing, acceptors)
     assert report.ok, report.errors
     assert txid not in slot_txids(observer)
+
+
+# -- txmgr daemon and txmgr status ---------------------------------------------------------
+
+
+def paxos_config(path: Path, bank: Bank, dsns: list[str]) -> Path:
+    path.write_text(
+        "[log]\nmode = \"paxos\"\ndsns = " + json.dumps(dsns) + "\n[participants]\n"
+        + "".join(f"{name} = {json.dumps(dsn)}\n" for name, dsn in bank.dsns.items())
+    )
+    return path
+
+
+def test_daemon_finishes_a_crashed_coordinator_with_one_log_database_down(
+    tmp_path: Path, make_bank: MakeBank, acceptors: list[str], proxies: list[FaultProxy]
+) -> None:
+    bank = make_bank()
+    down = proxied(proxies, acceptors[0])
+    # The first log database is down: the recovery lock goes to the next one.
+    dsns = [down, acceptors[1], acceptors[2]]
+    crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    proxies[0].stop()
+    config = paxos_config(tmp_path / "txmgr.toml", bank, dsns)
+    d = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        active = d.wait_event("active")
+        # The lock is on the first log database that answers: the second one.
+        assert active["logid"] == query(acceptors[1], "SELECT logid FROM txmgr_log_meta")[0][0]
+        wait_for(lambda: not paxos_prepared(bank), 30, "the daemon to finish the branches")
+        assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
+        samples = d.scrape()
+        assert metric(samples, "txmgr_daemon_active") == 1
+        assert metric(samples, "txmgr_participant_up", participant="a") == 1
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.wait() == 0, d.log_file.read_text()
+    finally:
+        d.kill()
+    assert d.find("stopped"), d.log_file.read_text()
+    assert not d.find("error"), d.log_file.read_text()  # no step failed
+
+
+def test_status_json_shows_the_decision_and_every_acceptor(
+    tmp_path: Path, make_bank: MakeBank, acceptors: list[str], proxies: list[FaultProxy]
+) -> None:
+    bank = make_bank()
+    dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
+    undecided = crash_at(bank, dsns, "before_decision", transfer(10, "a", "b"))
+    committed = crash_at(bank, dsns, "after_decision", transfer(20, "a", "b", 2))
+    proxies[0].stop()  # one log database down: a majority still answers
+    config = paxos_config(tmp_path / "txmgr.toml", bank, dsns)
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "txmgr.cli", "status", "--json", "--config", str(config),
+             *args], capture_output=True, text=True, timeout=120, check=False)
+
+    done = status()
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    doc = json.loads(done.stdout)
+    assert doc["mode"] == "paxos" and doc["ok"] is True and doc["log_error"] is None
+    verdicts = {(b["participant"], b["txid"]): b["decision"] for b in doc["branches"]}
+    assert verdicts == {("a", undecided): "undecided", ("b", undecided): "undecided",
+                        ("a", committed): "commit", ("b", committed): "commit"}
+    assert all(b["gid"].startswith(PAXOS_GID_PREFIX) for b in doc["branches"])
+    txs = {t["txid"]: t for t in doc["paxos"]["transactions"]}
+    assert set(txs) == {undecided, committed}
+    assert (txs[undecided]["learned"], txs[committed]["learned"]) == ("undecided", "commit")
+    for t in txs.values():
+        views = t["acceptors"]
+        assert [v["error"] is None for v in views] == [True, True, False]  # the proxied one
+        assert all(v["voter"] and v["has_slot"] for v in views[:2])
+    assert all(v["accepted_value"] is None for v in txs[undecided]["acceptors"])
+    assert any(v["accepted_value"] == "commit(a,b)" and v["accepted_ballot"] == 0
+               for v in txs[committed]["acceptors"])
+    slot_counts = doc["paxos"]["acceptors"]
+    assert list(slot_counts.values())[2] is None and list(slot_counts.values())[:2] == [2, 2]
+    table = subprocess.run(
+        [sys.executable, "-m", "txmgr.cli", "status", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert table.returncode == 0, table.stderr
+    assert f"paxos transaction {undecided}: undecided" in table.stdout
+    assert f"paxos transaction {committed}: commit" in table.stdout
+    assert table.stdout.count("DOWN: ") == 2, table.stdout
+    stuck = status("--older-than", "0")
+    assert stuck.returncode == 1, stuck.stdout
+    assert json.loads(stuck.stdout)["stuck"] == 4
+
+
+def test_resolve_refuses_a_paxos_config(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, acceptors))
+    with pytest.raises(txmgr.ConfigError, match="resolve does not support Paxos mode"):
+        resolve(config, "txp1_whatever", commit=True)

@@ -8,6 +8,14 @@ dies, the server releases it and a standby's next attempt wins.
 
 Safety never depends on this lock (recovery is idempotent); it only keeps
 several daemons from doing the same work at once.
+
+In Paxos mode there is no single log database: the lock is taken on the first
+of the log databases, in the configured order, that answers (recovery is safe
+with several proposers, so this is only an optimisation). Daemons that see the
+same first database compete for one lock; a daemon that could not reach it
+locks the next one and may run passes alongside another, which costs duplicate
+work, never correctness. A daemon keeps the database it locked until that
+session fails, then starts again from the first.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import psycopg
 
 from txmgr import log as decision_log
-from txmgr._dsn import redact
+from txmgr._dsn import mask, redact
 from txmgr.errors import TxmgrError
 from txmgr.participant import connect
 
@@ -38,18 +47,25 @@ def lock_key(logid: str) -> int:
 
 
 class LeaderLock:
-    """The leadership lock on the log database; call :meth:`ensure` once per pass."""
+    """The leadership lock on the log database; call :meth:`ensure` once per pass.
+
+    ``dsn`` may be a sequence of DSNs (Paxos mode): the lock is then taken on
+    the first that answers, in that order (see the module docstring).
+    """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | Sequence[str],
         *,
         name: str = "log",
         connect_timeout: float = 10.0,
         application_name: str = "txmgr-daemon",
         dead_peer_after: float = 30.0,
     ) -> None:
-        self._dsn = dsn
+        self._dsns: tuple[str, ...] = (dsn,) if isinstance(dsn, str) else tuple(dsn)
+        if not self._dsns:
+            raise ValueError("LeaderLock needs at least one DSN")
+        self._dsn = self._dsns[0]  # the database of the current (or last tried) session
         self._name = name
         self._connect_timeout = connect_timeout
         self._application_name = application_name[:63]
@@ -86,15 +102,24 @@ class LeaderLock:
                         extra={"event": "lost_leadership"},
                     )
                 self._close()
-        try:
-            conn = self._conn or self._connect()
-            self.logid = decision_log.read_logid(conn, self._dsn)
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.logid),)
-            ).fetchone()
-        except (psycopg.Error, TxmgrError) as e:
-            self.last_error = redact(str(e)).strip()
-            self._close()
+        row: tuple[Any, ...] | None = None
+        errors: list[str] = []
+        # A kept session stays on its database; a new one starts from the first.
+        for dsn in (self._dsn,) if self._conn is not None else self._dsns:
+            try:
+                self._dsn = dsn
+                conn = self._conn or self._connect()
+                self.logid = decision_log.read_logid(conn, dsn)
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.logid),)
+                ).fetchone()
+                break
+            except (psycopg.Error, TxmgrError) as e:
+                prefix = f"{mask(dsn)}: " if len(self._dsns) > 1 else ""
+                errors.append(prefix + redact(str(e)).strip())
+                self._close()
+        else:
+            self.last_error = "; ".join(errors)
             return "unreachable"
         self.last_error = None
         self._held = bool(row and row[0])

@@ -3,7 +3,10 @@
 Each step of the loop:
 
 1. keep or take the leadership lock on the log database (:mod:`txmgr._leader`);
-   a daemon that cannot get it is a standby and tries again next step;
+   a daemon that cannot get it is a standby and tries again next step. In
+   Paxos mode the lock is taken on the first log database that answers, in
+   the configured order: leadership only saves duplicate work there, as
+   recovery is safe with several proposers;
 2. the active daemon runs one :class:`~txmgr.recovery.Recoverer` pass (it keeps
    its connections between passes; a participant that is down is reported and
    skipped, the others are recovered);
@@ -108,8 +111,9 @@ class Daemon:
         self.metrics = metrics or DaemonMetrics(config.participants)
         self.identity = f"txmgr-daemon {os.getpid()}@{socket.gethostname()}"[:63]
         self._recoverer = recoverer or Recoverer(config, on_resolution=self.on_resolution)
+        paxos = config.paxos_log
         self._leader = leader or LeaderLock(
-            config.log_dsn,
+            paxos.dsns if paxos is not None else config.log_dsn,
             name=config.log_participant or "log",
             connect_timeout=config.connect_timeout,
             application_name=self.identity,
@@ -145,7 +149,7 @@ class Daemon:
         """Step until :attr:`stop` is set; the step in progress is finished first."""
         logger.info(
             "txmgr daemon started: log=%s participants=%s interval=%gs",
-            mask(self.config.log_dsn), sorted(self.config.participants), self.interval,
+            _describe_log(self.config), sorted(self.config.participants), self.interval,
             extra={"event": "started", "pid": os.getpid()},
         )  # fmt: skip
         try:
@@ -310,3 +314,12 @@ class Daemon:
             self._failures, self._backoff(), error,
             extra={"event": "log_unreachable", "attempt": self._failures},
         )  # fmt: skip
+
+
+def _describe_log(config: Config) -> str:
+    """The decision log for the start line, passwords masked."""
+    paxos = config.paxos_log
+    if paxos is None:
+        return mask(config.log_dsn)
+    return f"paxos[{', '.join(mask(d) for d in paxos.dsns)}] (recovery lock on the first " \
+        "that answers)"

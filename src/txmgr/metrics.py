@@ -18,7 +18,8 @@ Metric names (all prefixed ``txmgr_``):
 ``recovery_errors_total{source}``         errors, by participant name or ``log``
 ``participant_up{participant}``           1 when the participant answered the last pass
 ``log_up``                                1 when the decision log answered
-``decision_rows``                         decision rows waiting for cleanup
+``decision_rows``                         decision rows waiting for cleanup (Paxos
+                                          mode: transactions with slots, per pass)
 ``daemon_active``                         1 when this daemon holds the recovery lock
 ========================================  =====================================================
 """
@@ -197,7 +198,9 @@ class DaemonMetrics:
             self.oldest.labels(name).set(age)
         for name in self.participants:
             self.participant_up.labels(name).set(0 if name in report.unreachable else 1)
-        if report.log_reachable:
+        if report.log_reachable and report.mode == "single":
+            # Paxos mode has no decision rows: the recovery pass sets the gauge
+            # to the slots it saw (RecoveryReport.decisions_pending).
             self.decision_rows.set(len(report.pending))
 
 

@@ -43,6 +43,7 @@ from txmgr.config import Config
 from txmgr.errors import (
     AmbiguousBranch,
     BranchNotFound,
+    ConfigError,
     ResolveError,
     ResolveRefused,
     TxmgrError,
@@ -85,6 +86,15 @@ def resolve(
 ) -> ResolveResult:
     """Commit (``commit=True``) or roll back the prepared branch ``gid``; see the module doc."""
     action = "commit" if commit else "rollback"
+    if config.paxos_log is not None:
+        # No single log database holds the audit table, and a branch of a
+        # Paxos transaction is finished by recovery once a majority decides.
+        raise ConfigError(
+            "txmgr resolve does not support Paxos mode yet: run `txmgr recover` (or the "
+            "daemon), which decides and finishes txp1_ branches once a majority of the log "
+            "databases answers; finish a branch that is not txmgr's with COMMIT PREPARED or "
+            "ROLLBACK PREPARED in its database"
+        )
     name, owner, pconn = _locate(config, gid, participant)
     try:
         decision, detail, lconn = _log_decision(config, gid)

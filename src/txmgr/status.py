@@ -19,6 +19,15 @@ holds locks and holds back VACUUM — with:
 The verdict follows recovery: ``pg_xact_status(lxid)`` only tells whether
 the decision transaction is still running; once it is not, the decision row —
 read in a later statement — decides (present: commit, absent: abort).
+
+In Paxos mode the verdict on a ``txp1_`` branch is what
+:meth:`~txmgr.paxos.PaxosLog.learn` reads from the log databases (``commit``,
+``abort`` — a forgotten transaction is rolled back too — or ``undecided``:
+no majority has decided yet, recovery decides after the coordinator's grace),
+and :attr:`StatusReport.paxos` shows, per in-doubt transaction, what each log
+database promised and accepted. Gids of the single-database mode are ``not
+ours`` there. A Paxos look reads every slot once and learns once: two rounds
+over the log databases, whatever the number of branches.
 """
 
 from __future__ import annotations
@@ -36,18 +45,23 @@ from txmgr._dsn import redact
 from txmgr._gid import Gid
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
+from txmgr.paxos._core import Outcome as PaxosOutcome
+from txmgr.paxos._gid import PaxosGid
+from txmgr.paxos._log import AcceptorStatus, PaxosLog
 
 __all__ = [
+    "AcceptorView",
     "BranchStatus",
     "Decision",
     "Inspector",
+    "PaxosTransaction",
     "PendingDecision",
     "StatusReport",
     "classify",
     "inspect",
 ]
 
-Decision = Literal["commit", "abort", "in progress", "not ours", "unknown"]
+Decision = Literal["commit", "abort", "in progress", "undecided", "not ours", "unknown"]
 
 #: Lock modes that conflict, from the table "Conflicting Lock Modes" of the
 #: PostgreSQL manual (the relation is symmetric; advisory locks use it too).
@@ -174,6 +188,47 @@ class PendingDecision(decision_log.DecisionRow):
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class AcceptorView:
+    """What one Paxos log database holds for one in-doubt transaction."""
+
+    dsn: str  # masked
+    incarnation: str | None
+    voter: bool  # registered the transaction (named by its gids)
+    error: str | None  # why it did not answer, if it did not
+    has_slot: bool = False
+    promised: int | None = None
+    accepted_ballot: int | None = None
+    accepted_value: str | None = None  # "commit(a,b)" or "abort"
+
+    def to_json(self) -> dict[str, Any]:
+        """This acceptor as one object of a transaction's ``acceptors``."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PaxosTransaction:
+    """An in-doubt transaction of Paxos mode: what was learned, and each acceptor's slot."""
+
+    txid: str
+    learned: str  # commit, abort, forgotten, undecided; unknown when the log failed
+    detail: str
+    quorum: int
+    voters: tuple[str, ...]  # incarnations
+    acceptors: tuple[AcceptorView, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """This transaction as one object of ``paxos.transactions`` in ``--json``."""
+        return {
+            "txid": self.txid,
+            "learned": self.learned,
+            "detail": self.detail,
+            "quorum": self.quorum,
+            "voters": list(self.voters),
+            "acceptors": [a.to_json() for a in self.acceptors],
+        }
+
+
 @dataclass(slots=True)
 class StatusReport:
     """Everything ``txmgr status`` shows."""
@@ -183,6 +238,10 @@ class StatusReport:
     unreachable: dict[str, str] = field(default_factory=dict)  # participant -> error
     log_error: str | None = None  # why the log could not be read, if it could not
     logid: str | None = None
+    mode: Literal["single", "paxos"] = "single"
+    #: Paxos mode: the in-doubt transactions, and every log database's slot count.
+    paxos: list[PaxosTransaction] = field(default_factory=list)
+    acceptor_slots: dict[str, int | None] = field(default_factory=dict)  # dsn -> slots
 
     @property
     def log_reachable(self) -> bool:
@@ -199,8 +258,9 @@ class StatusReport:
 
     def to_json(self, older_than: float) -> dict[str, Any]:
         """The document ``txmgr status --json --older-than SECONDS`` prints."""
-        return {
+        out: dict[str, Any] = {
             "ok": self.healthy(older_than),
+            "mode": self.mode,
             "older_than": older_than,
             "logid": self.logid,
             "log_error": self.log_error,
@@ -209,6 +269,12 @@ class StatusReport:
             "branches": [b.to_json() for b in self.branches],
             "pending_decisions": [p.to_json() for p in self.pending],
         }
+        if self.mode == "paxos":
+            out["paxos"] = {
+                "acceptors": dict(self.acceptor_slots),
+                "transactions": [t.to_json() for t in self.paxos],
+            }
+        return out
 
 
 def classify(
@@ -276,6 +342,9 @@ class Inspector:
     def inspect(self) -> StatusReport:
         """Look at every participant and the log now; servers that do not answer are
         reported in the result, not raised."""
+        paxos = self.config.paxos_log
+        if paxos is not None:
+            return self._inspect_paxos(paxos)
         report = StatusReport()
         rows: list[decision_log.DecisionRow] = []
         lconn: psycopg.Connection[Any] | None = None
@@ -296,6 +365,15 @@ class Inspector:
             )
             for r in rows
         ]  # fmt: skip
+        listed = self._list(report)
+        statuses, committed = self._decisions(lconn, report, [row[0] for _, row in listed])
+        for name, row in listed:
+            verdict = classify(row[0], report.logid, statuses, committed)
+            report.branches.append(_branch(name, row, verdict))
+        return report
+
+    def _list(self, report: StatusReport) -> list[tuple[str, tuple[Any, ...]]]:
+        """Every prepared transaction of every participant that answers."""
         listed: list[tuple[str, tuple[Any, ...]]] = []
         for name, dsn in self.config.participants.items():
             try:
@@ -306,24 +384,46 @@ class Inspector:
             except (psycopg.Error, TxmgrError) as e:
                 self._drop(name)
                 report.unreachable[name] = redact(str(e))
-        statuses, committed = self._decisions(lconn, report, [row[0] for _, row in listed])
-        for name, (gid, prepared, owner, age, xid_age, locks, blocked) in listed:
-            decision, txid, detail = classify(gid, report.logid, statuses, committed)
-            report.branches.append(
-                BranchStatus(
-                    participant=name,
-                    gid=gid,
-                    prepared_at=prepared,
-                    age=max(0.0, float(age)),
-                    owner=owner,
-                    decision=decision,
-                    txid=txid,
-                    locks=int(locks),
-                    blocked_pids=tuple(int(p) for p in blocked),
-                    xid_age=int(xid_age),
-                    detail=detail,
+        return listed
+
+    def _inspect_paxos(self, log: PaxosLog) -> StatusReport:
+        """:meth:`inspect` in Paxos mode (see the module docstring)."""
+        report = StatusReport(mode="paxos")
+        listed = self._list(report)
+        found: dict[str, PaxosGid] = {}
+        for _, row in listed:
+            gid = PaxosGid.parse(row[0])
+            if gid is not None:
+                found.setdefault(gid.txid, gid)
+        statuses: list[AcceptorStatus] = []
+        outcomes: dict[str, PaxosOutcome] = {}
+        try:
+            statuses = log.slots()  # every slot: the per-acceptor view and slot counts
+            reached = [st for st in statuses if st.error is None]
+            if len(reached) < log.quorum:
+                report.log_error = (
+                    f"only {len(reached)} of {len(statuses)} Paxos log databases answered, "
+                    f"{log.quorum} are needed: "
+                    + "; ".join(f"{st.dsn}: {st.error}" for st in statuses if st.error)
                 )
-            )
+            outcomes = log.learn({t: g.voters for t, g in found.items()})
+        except TxmgrError as e:
+            report.log_error = redact(str(e))
+        report.acceptor_slots = {
+            st.dsn: None if st.error is not None else len(st.slots) for st in statuses
+        }
+        for txid, gid in sorted(found.items()):
+            out = outcomes.get(txid)
+            report.paxos.append(PaxosTransaction(
+                txid=txid,
+                learned=out.decision if out is not None else "unknown",
+                detail=out.detail if out is not None else "the Paxos log did not answer",
+                quorum=gid.voters.quorum,
+                voters=gid.voters.incarnations,
+                acceptors=tuple(_view(st, txid, gid) for st in statuses),
+            ))  # fmt: skip
+        for name, row in listed:
+            report.branches.append(_branch(name, row, _classify_paxos(row[0], outcomes)))
         return report
 
     def _decisions(
@@ -340,3 +440,61 @@ class Inspector:
             report.log_error = redact(str(e))
             report.logid = None
             return {}, set()
+
+
+def _branch(name: str, row: tuple[Any, ...],
+            verdict: tuple[Decision, str | None, str]) -> BranchStatus:
+    gid, prepared, owner, age, xid_age, locks, blocked = row
+    decision, txid, detail = verdict
+    return BranchStatus(
+        participant=name,
+        gid=gid,
+        prepared_at=prepared,
+        age=max(0.0, float(age)),
+        owner=owner,
+        decision=decision,
+        txid=txid,
+        locks=int(locks),
+        blocked_pids=tuple(int(p) for p in blocked),
+        xid_age=int(xid_age),
+        detail=detail,
+    )
+
+
+def _classify_paxos(
+    gid: str, outcomes: Mapping[str, PaxosOutcome]
+) -> tuple[Decision, str | None, str]:
+    """The Paxos log's verdict on ``gid``: (decision, txid, explanation)."""
+    parsed = PaxosGid.parse(gid)
+    if parsed is None:
+        single = Gid.parse(gid)
+        if single is not None:
+            return ("not ours", single.txid,
+                    "a gid of the single-database log mode; this configuration uses a Paxos log")
+        return "not ours", None, "not a txmgr gid"
+    out = outcomes.get(parsed.txid)
+    if out is None:
+        return "unknown", parsed.txid, "the Paxos log could not be read"
+    if out.decision == "commit":
+        return "commit", parsed.txid, f"commit chosen at ballot {out.ballot}"
+    if out.decision == "abort":
+        return "abort", parsed.txid, f"abort chosen at ballot {out.ballot}"
+    if out.decision == "forgotten":
+        # Commit can never be chosen any more: recovery rolls it back.
+        return "abort", parsed.txid, f"forgotten: {out.detail}" if out.detail else "forgotten"
+    return "undecided", parsed.txid, out.detail or "not decided yet"
+
+
+def _view(st: AcceptorStatus, txid: str, gid: PaxosGid) -> AcceptorView:
+    slot = st.slots.get(txid)
+    return AcceptorView(
+        dsn=st.dsn,
+        incarnation=st.incarnation,
+        voter=st.incarnation is not None and st.incarnation in gid.voters,
+        error=st.error,
+        has_slot=slot is not None,
+        promised=slot.promised if slot is not None else None,
+        accepted_ballot=slot.accepted_ballot if slot is not None else None,
+        accepted_value=(str(slot.accepted_value)
+                        if slot is not None and slot.accepted_value is not None else None),
+    )

@@ -99,4 +99,8 @@ def daemon_cmd(
             extra={"event": "metrics", "metrics_address": server.host,
                    "metrics_port": server.port},
         )  # fmt: skip
-    daemon.run()
+    try:
+        daemon.run()
+    finally:
+        if config.paxos_log is not None:  # its pools and round threads
+            config.paxos_log.close()

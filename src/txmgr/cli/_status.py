@@ -66,7 +66,12 @@ def status_cmd(config_path: str | None, as_json: bool, older_than: float) -> Non
     Exit code 0 when every server answered and no branch is older than
     --older-than, 1 otherwise (use it as a monitoring check), 2 on bad usage.
     """
-    report = inspect(load_config(config_path))
+    config = load_config(config_path)
+    try:
+        report = inspect(config)
+    finally:
+        if config.paxos_log is not None:  # its pools and round threads
+            config.paxos_log.close()
     if as_json:
         click.echo(json.dumps(report.to_json(older_than), indent=2, default=str))
     else:
@@ -112,6 +117,8 @@ def _print_table(report: StatusReport, older_than: float) -> None:
         ]
         for line in _table(["TXID", "LXID", "AGE", "PARTICIPANTS"], rows):
             echo("  " + line)
+    if report.mode == "paxos":
+        _print_paxos(report)
     for name, err in report.unreachable.items():
         echo(f"participant {name}: UNREACHABLE: {err}", err=True)
     if report.log_error is not None:
@@ -123,6 +130,29 @@ def _print_table(report: StatusReport, older_than: float) -> None:
         echo(f"  {hint}")
 
 
+def _print_paxos(report: StatusReport) -> None:
+    """Per in-doubt transaction: what was learned, and each log database's slot."""
+    echo = click.echo
+    for t in report.paxos:
+        echo("")
+        echo(f"paxos transaction {t.txid}: {t.learned} ({t.detail}); "
+             f"quorum {t.quorum} of {len(t.voters)} voters")
+        rows = [
+            [
+                a.dsn,
+                a.incarnation or "-",
+                "yes" if a.voter else "no",
+                ("DOWN: " + a.error) if a.error is not None
+                else "-" if not a.has_slot else str(a.promised),
+                "-" if a.accepted_ballot is None else f"{a.accepted_value}@{a.accepted_ballot}",
+            ]
+            for a in t.acceptors
+        ]
+        for line in _table(["LOG DATABASE", "INCARNATION", "VOTER", "PROMISED", "ACCEPTED"],
+                           rows):
+            echo("  " + line)
+
+
 _HINTS = {
     "commit": "commit/abort: recovery finishes these on its next pass; is `txmgr daemon` "
     "running? (or run `txmgr recover`)",
@@ -130,6 +160,8 @@ _HINTS = {
     "aborts it after [log] idle_timeout if it hangs",
     "not ours": "not ours: recovery will never touch these; finish them with "
     "`txmgr resolve GID --commit|--rollback --force` once you know their outcome",
+    "undecided": "undecided: no majority of the Paxos log databases has decided yet; recovery "
+    "decides once the coordinator's grace ([log] idle_timeout) is over and a majority answers",
     "unknown": "unknown: the decision log could not be read; fix that first",
 }
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import pq, sql
 
-__all__ = ["AnyConnection", "Job", "literal", "run_all", "run_all_async"]
+__all__ = ["AnyConnection", "Job", "literal", "run_all", "run_all_async", "run_quorum"]
 
 # One selector per protocol step: poll needs no kernel object per call, where
 # epoll (the default) costs a create and close each time (measured: 8% of the
@@ -80,8 +81,51 @@ class Job:
 def run_all(jobs: Sequence[Job]) -> None:
     """Send every job's query, then wait for every answer (errors land in ``job.error``)."""
     pending = _send_all(jobs)
-    if not pending:
-        return
+    if pending:
+        _wait(pending)
+
+
+def run_quorum(
+    jobs: Sequence[Job],
+    *,
+    enough: Callable[[Sequence[Job]], bool],
+    linger: float,
+    timeout: float,
+) -> list[Job]:
+    """Like :func:`run_all`, but without waiting for stragglers.
+
+    Once ``enough(finished jobs)`` holds, the others get at most ``linger``
+    seconds more; after ``timeout`` seconds nobody is waited for. Returns the
+    jobs still unanswered: their connections have a query in flight, to be read
+    later (:class:`txmgr.paxos._links.Collector`) or closed, never reused as
+    they are.
+    """
+    deadline = time.monotonic() + timeout
+    pending = _send_all(jobs)
+    done = [j for j in jobs if j.error is not None]
+    settled = False
+
+    def seconds_left() -> float:
+        nonlocal deadline, settled
+        now = time.monotonic()
+        if not settled and enough(done):
+            settled = True
+            deadline = min(deadline, now + linger)
+        return deadline - now
+
+    _wait(pending, finished=done, seconds_left=seconds_left)
+    return list(pending.values())
+
+
+def _wait(
+    pending: dict[int, Job],
+    *,
+    finished: list[Job] | None = None,
+    seconds_left: Callable[[], float] | None = None,
+) -> None:
+    """Collect answers until ``pending`` (socket -> job) is empty, or until
+    ``seconds_left()`` says the time is up. Finished jobs leave ``pending``
+    (and join ``finished``)."""
     with _Selector() as sel:
         for fd, job in pending.items():
             sel.register(fd, _events(job))
@@ -91,10 +135,19 @@ def run_all(jobs: Sequence[Job]) -> None:
                 if _collect(job):
                     del pending[fd]
                     sel.unregister(fd)
+                    if finished is not None:
+                        finished.append(job)
                 elif job.flushing != flushing:
                     sel.modify(fd, _events(job))
-            if pending:
+            if not pending:
+                return
+            if seconds_left is None:
                 sel.select()
+                continue
+            wait = seconds_left()
+            if wait <= 0:
+                return
+            sel.select(wait)
 
 
 async def run_all_async(jobs: Sequence[Job]) -> None:

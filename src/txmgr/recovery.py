@@ -221,15 +221,7 @@ class Recoverer:
                     slots.append(item)
                     todo.setdefault(name, []).append(item)
         self._finish_all(todo)
-        remaining: set[str] = set()  # txids with a branch still prepared somewhere
-        for slot in slots:
-            res = slot if isinstance(slot, Resolution) else slot.resolution
-            assert res is not None
-            report.resolutions.append(res)
-            if res.outcome == "error":
-                report.errors.append(f"{res.participant}: {res.gid}: {res.detail}")
-            if res.outcome in ("in progress", "busy", "error"):
-                remaining.add(res.txid)
+        remaining = _report(slots, report)
         self._cleanup(lconn, rows, listed, remaining, report)
         return report
 
@@ -308,15 +300,7 @@ class Recoverer:
             slots.append(item)
             todo.setdefault(name, []).append(item)
         self._finish_all(todo)
-        remaining: set[str] = set()
-        for slot in slots:
-            res = slot if isinstance(slot, Resolution) else slot.resolution
-            assert res is not None
-            report.resolutions.append(res)
-            if res.outcome == "error":
-                report.errors.append(f"{res.participant}: {res.gid}: {res.detail}")
-            if res.outcome in ("in progress", "busy", "error"):
-                remaining.add(res.txid)
+        remaining = _report(slots, report)
         if len(listed) == len(self.config.participants):  # else a branch may hide
             self._paxos_cleanup(log, found, outcomes, ages, commits, remaining, report)
         return report
@@ -412,6 +396,21 @@ class _Todo:
     gid: Gid | PaxosGid
     commit: bool
     resolution: Resolution | None = None
+
+
+def _report(slots: list[Resolution | _Todo], report: RecoveryReport) -> set[str]:
+    """Add every branch's resolution to ``report``, in listing order; the txids
+    that still have a branch prepared somewhere."""
+    remaining: set[str] = set()
+    for slot in slots:
+        res = slot if isinstance(slot, Resolution) else slot.resolution
+        assert res is not None
+        report.resolutions.append(res)
+        if res.outcome == "error":
+            report.errors.append(f"{res.participant}: {res.gid}: {res.detail}")
+        if res.outcome in ("in progress", "busy", "error"):
+            remaining.add(res.txid)
+    return remaining
 
 
 class _Pipeline:

@@ -26,18 +26,18 @@ by psycopg (``sql.Literal``), behind a ``SET LOCAL synchronous_commit``.
 
 from __future__ import annotations
 
-import selectors
 import threading
-import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from txmgr._multiplex import Job, _collect, _events, _send_all
+# Re-exported: a round returns as soon as a quorum answered; the protocol is
+# safe against the stragglers' statements landing late.
+from txmgr._multiplex import run_quorum
 from txmgr.paxos._core import ABORT, Reply, Request, Slot, Value
 
 __all__ = [
@@ -242,47 +242,3 @@ def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
         else:
             raise ValueError(f"unexpected acceptor status {status!r}")
     return Answer(incarnation, replies, ages)
-
-
-def run_quorum(
-    jobs: Sequence[Job],
-    *,
-    enough: Callable[[Sequence[Job]], bool],
-    linger: float,
-    timeout: float,
-) -> list[Job]:
-    """Like :func:`txmgr._multiplex.run_all`, but without waiting for stragglers.
-
-    Once ``enough(finished jobs)`` holds, the others get at most ``linger``
-    seconds more; after ``timeout`` seconds nobody is waited for. Returns the
-    jobs still unanswered: their connections have a query in flight, to be read
-    later (:class:`~txmgr.paxos._links.Collector`) or closed, never reused as
-    they are. (The protocol is safe against statements that land late.)
-    """
-    start = time.monotonic()
-    pending = _send_all(jobs)
-    done = [j for j in jobs if j.error is not None]
-    deadline = start + timeout
-    settled = False
-    with selectors.DefaultSelector() as sel:
-        for fd, job in pending.items():
-            sel.register(fd, _events(job))
-        while pending:
-            for fd, job in list(pending.items()):
-                flushing = job.flushing
-                if _collect(job):
-                    del pending[fd]
-                    sel.unregister(fd)
-                    done.append(job)
-                elif job.flushing != flushing:
-                    sel.modify(fd, _events(job))
-            if not pending:
-                break
-            now = time.monotonic()
-            if not settled and enough(done):
-                settled = True
-                deadline = min(deadline, now + linger)
-            if now >= deadline:
-                break
-            sel.select(deadline - now)
-    return list(pending.values())

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 import psycopg
 
 import txmgr
+from support import run_coordinator
 
 FRONTS = ("sync", "async")
 T = TypeVar("T")
@@ -182,12 +182,7 @@ def crash_at(front: str, participants: Mapping[str, str], log: str, failpoint: s
 
     spec = {"front": front, "participants": dict(participants), "log": log,
             "failpoint": failpoint, "statements": dict(statements)}
-    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
-    words = proc.stdout.split()
-    assert words[0] == "TXID", proc.stdout
-    return words[1]
+    return run_coordinator([__file__], spec, exit_code=CRASH_EXIT)
 
 
 def _coordinator(spec: dict[str, Any]) -> None:

@@ -77,14 +77,7 @@ class Bank:
         """Run a coordinator subprocess that SIGKILLs itself at ``kill_at``; its txid."""
         spec = {"participants": self.dsns, "log": self.log, "statements": statements,
                 "kill_at": kill_at}
-        proc = subprocess.run(
-            [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr)
-        line = proc.stdout.split()
-        assert line[0] == "TXID", proc.stdout
-        return line[1]
+        return run_coordinator(KILLED_COORDINATOR, spec, exit_code=-9)
 
     def crash_at(self, failpoint: str, statements: dict[str, list[str]]) -> str:
         """Run a coordinator subprocess that a ``crash`` failpoint ends; its txid."""
@@ -92,18 +85,29 @@ class Bank:
 
         spec = {"participants": self.dsns, "log": self.log, "statements": statements,
                 "failpoint": failpoint}
-        proc = subprocess.run(
-            [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
-        line = proc.stdout.split()
-        assert line[0] == "TXID", proc.stdout
-        return line[1]
+        return run_coordinator(KILLED_COORDINATOR, spec, exit_code=CRASH_EXIT)
 
     def close(self) -> None:
         for tm in self.managers:
             tm.close()
+
+
+KILLED_COORDINATOR = ["-m", "txmgr.testing.killed_coordinator"]
+
+
+def run_coordinator(
+    args: list[str], spec: dict[str, Any], *, exit_code: int, timeout: float = 60
+) -> str:
+    """Run ``python ARGS SPEC_JSON``, a coordinator that must end with ``exit_code``
+    (-9: SIGKILL) after printing ``TXID <txid>``; that txid."""
+    proc = subprocess.run(
+        [sys.executable, *args, json.dumps(spec)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert proc.returncode == exit_code, (proc.returncode, proc.stdout, proc.stderr)
+    words = proc.stdout.split()
+    assert words[0] == "TXID", proc.stdout
+    return words[1]
 
 
 def transfer(amount: int, src: str, dst: str, account: int = 1) -> dict[str, list[str]]:

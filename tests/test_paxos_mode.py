@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
 from ops_support import DaemonProcess, metric, wait_for
-from support import Bank, MakeBank, query, transfer
+from support import KILLED_COORDINATOR, Bank, MakeBank, query, run_coordinator, transfer
 from txmgr.failpoints import CRASH_EXIT
 from txmgr.paxos import PAXOS_GID_PREFIX
 from txmgr.resolve import resolve
@@ -101,14 +101,7 @@ def crash_at(bank: Bank, dsns: list[str], failpoint: str,
     """A coordinator subprocess with a Paxos log, ended by a ``crash`` failpoint; its txid."""
     spec = {"participants": bank.dsns, "log": {"paxos": dsns}, "statements": statements,
             "failpoint": failpoint}
-    proc = subprocess.run(
-        [sys.executable, "-m", "txmgr.testing.killed_coordinator", json.dumps(spec)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
-    line = proc.stdout.split()
-    assert line[0] == "TXID", proc.stdout
-    return line[1]
+    return run_coordinator(KILLED_COORDINATOR, spec, exit_code=CRASH_EXIT, timeout=120)
 
 
 def recover(bank: Bank, closing: list[Any], dsns: list[str]) -> txmgr.RecoveryReport:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import txmgr
 import txmgr.sqlalchemy
-from support import START, Bank, query
+from support import START, Bank, query, run_coordinator
 from txmgr.hooks import Hooks
 from txmgr.sqlalchemy import AsyncTwoPhaseSession
 
@@ -432,12 +432,7 @@ def crash_at(bank: Bank, failpoint: str) -> str:
     from txmgr.failpoints import CRASH_EXIT
 
     spec = {"participants": bank.dsns, "log": bank.log, "failpoint": failpoint}
-    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == CRASH_EXIT, (proc.returncode, proc.stdout, proc.stderr)
-    words = proc.stdout.split()
-    assert words[0] == "TXID", proc.stdout
-    return words[1]
+    return run_coordinator([__file__], spec, exit_code=CRASH_EXIT)
 
 
 @pytest.mark.crash

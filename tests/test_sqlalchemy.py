@@ -13,8 +13,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import txmgr
+from orm_models import Recorder
 from support import START, Bank, query
-from txmgr.hooks import Hooks
 from txmgr.sqlalchemy import SQLAlchemy, SQLAlchemyTransaction
 
 
@@ -39,18 +39,6 @@ accounts = sa.Table("accounts", sa.MetaData(), sa.Column("id", sa.Integer, prima
                     sa.Column("balance", sa.Integer))
 # Its unique constraint is checked at PREPARE TRANSACTION: the branch votes no.
 uniq = sa.Table("uniq", sa.MetaData(), sa.Column("k", sa.Integer))
-
-
-class Recorder(Hooks):
-    def __init__(self) -> None:
-        self.writers: list[list[str]] = []
-        self.prepared: list[str] = []
-
-    def after_vote(self, txid: str, writers: list[str]) -> None:
-        self.writers.append(sorted(writers))
-
-    def after_prepare(self, txid: str, participant: str, gid: str) -> None:
-        self.prepared.append(participant)
 
 
 @pytest.fixture

@@ -29,34 +29,14 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event, orm
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import txmgr
+from orm_models import AccountA, AccountB, BaseA, BaseB
 from support import START, Bank, query
 
 pytestmark = pytest.mark.crash
 
 AMOUNT = 40
-
-
-class BaseA(DeclarativeBase):
-    pass
-
-
-class BaseB(DeclarativeBase):
-    pass
-
-
-class AccountA(BaseA):
-    __tablename__ = "accounts"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    balance: Mapped[int]
-
-
-class AccountB(BaseB):
-    __tablename__ = "accounts"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    balance: Mapped[int]
 
 
 # -- the child process -------------------------------------------------------------------

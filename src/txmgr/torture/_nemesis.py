@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from txmgr import failpoints
 from txmgr.testing.proxy import FaultProxy, Rule
 from txmgr.torture._kinds import KINDS
 from txmgr.torture._procs import ProcessGroup
@@ -62,16 +63,7 @@ __all__ = [
 DropAction = Literal["drop_before", "drop_after_forward", "drop_after_reply"]
 DROP_ACTIONS: tuple[DropAction, ...] = ("drop_before", "drop_after_forward", "drop_after_reply")
 # Points every two-phase transfer passes (before_one_phase is never reached).
-FAILPOINT_POINTS = (
-    "before_vote",
-    "before_prepare",
-    "after_prepare",
-    "before_decision",
-    "after_decision",
-    "before_commit_prepared",
-    "after_commit_prepared",
-    "before_cleanup",
-)
+FAILPOINT_POINTS = tuple(p for p in failpoints.POINTS if p != "before_one_phase")
 #: environment key the nemesis uses to cap an armed client's transfers
 MAX_TRANSFERS_ENV = "TXMGR_TORTURE_MAX_TRANSFERS"
 

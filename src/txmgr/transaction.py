@@ -142,6 +142,15 @@ def _perform(tm: _Manager, op: Op) -> Any:
             time.sleep(seconds)
         case Forget(txids):
             tm.forget(txids)
+        case PaxosRegister() | PaxosPropose():
+            return perform_paxos(tm, op)
+    return None
+
+
+def perform_paxos(tm: _Manager, op: PaxosRegister | PaxosPropose) -> Any:
+    """A Paxos log request, as blocking calls (the PaxosLog is thread-safe: the
+    asyncio front end runs this in a worker thread)."""
+    match op:
         case PaxosRegister(txid):
             return tm.paxos().begin(txid)
         case PaxosPropose(txid, voters, participants):
@@ -152,4 +161,4 @@ def _perform(tm: _Manager, op: Op) -> Any:
             except BaseException:
                 tm.forget_later(forget)
                 raise
-    return None
+    raise AssertionError(f"not a Paxos request: {op!r}")

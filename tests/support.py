@@ -99,15 +99,16 @@ def run_coordinator(
     args: list[str], spec: dict[str, Any], *, exit_code: int, timeout: float = 60
 ) -> str:
     """Run ``python ARGS SPEC_JSON``, a coordinator that must end with ``exit_code``
-    (-9: SIGKILL) after printing ``TXID <txid>``; that txid."""
+    (-9: SIGKILL) after printing ``TXID <txid>``; that txid (the last one printed:
+    in Paxos mode commit() gives the transaction its registered txid)."""
     proc = subprocess.run(
         [sys.executable, *args, json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert proc.returncode == exit_code, (proc.returncode, proc.stdout, proc.stderr)
-    words = proc.stdout.split()
-    assert words[0] == "TXID", proc.stdout
-    return words[1]
+    txids = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("TXID ")]
+    assert txids, proc.stdout
+    return txids[-1]
 
 
 def transfer(amount: int, src: str, dst: str, account: int = 1) -> dict[str, list[str]]:

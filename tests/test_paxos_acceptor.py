@@ -36,6 +36,7 @@ from txmgr.paxos._acceptor import (
     parse,
     prepare_query,
     read_query,
+    register_many_query,
     register_query,
     run_quorum,
 )
@@ -117,8 +118,19 @@ def test_sql_acceptor_agrees_with_the_pure_rules(make_database: MakeDatabase) ->
     with psycopg.connect(dsn, autocommit=True) as conn:
         incarnation = read_incarnation(conn, dsn)
         for step in range(400):
-            op = rng.choice(["register", "prepare", "accept", "accept", "forget", "forget_all"])
+            op = rng.choice(["register", "register_many", "prepare", "accept", "accept",
+                             "forget", "forget_all"])
             t = rng.choice(txids)
+            if op == "register_many":  # the same rule for each txid, in one statement
+                batch = rng.sample(txids, rng.randint(1, len(txids)))
+                answer = run(conn, register_many_query(batch))
+                assert answer.incarnation == incarnation
+                for x in batch:
+                    new_slot, want = rules.register(model.get(x))
+                    assert answer.replies[x] == want, (step, op, x)
+                    assert new_slot is not None
+                    model[x] = new_slot
+                continue
             if op == "register":
                 expected = rules.register(model.get(t))
                 answer = run(conn, register_query(t))
@@ -534,3 +546,76 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.05)
+
+
+# -- registration ahead (PaxosLog.take) ------------------------------------------------
+
+
+def slot_xmins(dsn: str) -> dict[str, int]:
+    """txid -> the transaction that inserted its slot (one statement, one xmin)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {str(t): int(x) for t, x in
+                conn.execute("SELECT txid, xmin::text::bigint FROM txmgr_paxos").fetchall()}
+
+
+def test_take_registers_ahead_in_growing_batches(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    log = open_log(logs, acceptor_dsns, ahead=16)
+    taken = [log.take() for _ in range(40)]
+    txids = [t for t, _ in taken]
+    assert len(set(txids)) == 40  # each handed out once
+    incarnations = set(log.check().values())
+    assert all(set(v.incarnations) == incarnations and v.quorum == 2 for _, v in taken)
+    for dsn in acceptor_dsns:
+        xmins = slot_xmins(dsn)
+        assert set(txids) <= set(xmins)  # every txid registered on every acceptor...
+        # ... in a few statements: batches of 1, 2, 4, 8, 16, 16 (capped by ahead).
+        assert len({xmins[t] for t in txids}) == 6
+    # Registered and never used: close() deletes them (and the handed-out ones
+    # are their transactions' business — here nobody's, so the test deletes them).
+    log.close()
+    left = set(slot_xmins(acceptor_dsns[0]))
+    assert left == set(txids)
+    again = open_log(logs, acceptor_dsns)
+    assert again.forget(txids).deleted == {t: 3 for t in txids}
+
+
+def test_registrations_expired_unused_are_deleted_by_the_next_decision(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    log = open_log(logs, acceptor_dsns, ahead=8)
+    first, voters = log.take()
+    second, _ = log.take()  # batch 1 was used up at once: batch 2 registers two
+    spare = set(slot_xmins(acceptor_dsns[0])) - {first, second}
+    assert len(spare) == 1
+    log.ahead_max_age = 0.001
+    start = time.monotonic()
+    wait_until(lambda: time.monotonic() - start > 0.01)  # older than ahead_max_age now
+    third, v3 = log.take()
+    assert third not in spare  # an expired registration is never handed out
+    assert log.propose_commit(third, v3, ["orders", "billing"]).commits
+    settle(log)
+    for dsn in acceptor_dsns:
+        assert not spare & set(slot_xmins(dsn))  # deleted by the decision's statement
+    assert log.propose_commit(first, voters, ["orders"]).commits  # handed out: still valid
+
+
+def test_take_with_one_log_database_down_and_two(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    proxy = proxy_for(acceptor_dsns[2])
+    try:
+        dsns = [acceptor_dsns[0], acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])]
+        log = open_log(logs, dsns, linger=0.05)
+        proxy.stop()
+        t, voters = log.take()
+        assert len(voters) == 2 and voters.quorum == 2
+        assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+    finally:
+        proxy.stop()
+    with psycopg.connect(acceptor_dsns[1], autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE txmgr_paxos_acceptor CASCADE"))
+    other = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], dsns[2]], linger=0.05)
+    with pytest.raises(LogQuorumUnavailable, match="2 are needed; nothing was prepared"):
+        other.take()

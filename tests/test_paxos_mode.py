@@ -137,6 +137,54 @@ def test_a_transfer_commits_through_paxos(
     assert txid not in slot_txids(observer)
 
 
+class SeenTxids(txmgr.Hooks):
+    """Records the txid each hook is given; ``after_vote`` fails on request."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.fail_after_vote = False
+
+    def after_vote(self, txid: str, writers: list[str]) -> None:
+        self.seen.append(("after_vote", txid))
+        if self.fail_after_vote:
+            raise RuntimeError("after_vote says no")
+
+    def before_decision(self, txid: str, lxid: int) -> None:
+        self.seen.append(("before_decision", txid))
+
+
+def test_commit_gives_the_transaction_its_registered_txid(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+) -> None:
+    bank = make_bank()
+    hooks = SeenTxids()
+    tm = txmgr.TransactionManager(bank.dsns, log=txmgr.PaxosLog(acceptors, connect_timeout=5),
+                                  connect_timeout=5, hooks=hooks)
+    closing.append(tm)
+    observer = paxos_log(closing, acceptors)
+    with tm.transaction() as tx:
+        provisional = tx.txid
+        for name, stmts in transfer(10, "a", "b").items():
+            for stmt in stmts:
+                tx.connection(name).execute(stmt)
+    # The hooks, the transaction and the log databases agree on the final txid.
+    assert hooks.seen == [("after_vote", tx.txid), ("before_decision", tx.txid)]
+    assert tx.txid != provisional and provisional not in slot_txids(observer)
+    assert sum(1 for st in observer.slots([tx.txid]) if st.slots[tx.txid].holds_commit) >= 2
+    # A hook failing after registration: aborted, and its registration is
+    # deleted by the next decision (nothing was proposed for it).
+    hooks.fail_after_vote = True
+    with pytest.raises(txmgr.TransactionAborted, match="after_vote hook failed"):
+        run(tm, transfer(10, "a", "b"))
+    failed = hooks.seen[-1][1]
+    assert failed in slot_txids(observer)
+    hooks.fail_after_vote = False
+    run(tm, transfer(10, "a", "b"))
+    assert failed not in slot_txids(observer)
+    assert (bank.balance("a"), bank.balance("b")) == (980, 1020)
+    assert paxos_prepared(bank) == []
+
+
 def test_a_failed_prepare_aborts_and_leaves_nothing(
     make_bank: MakeBank, acceptors: list[str], closing: list[Any]
 ) -> None:

@@ -110,10 +110,8 @@ class Forget:
 
 @dataclass(slots=True)
 class PaxosRegister:
-    """Register a transaction on the Paxos log's databases -> its voters
-    (:meth:`txmgr.PaxosLog.begin`; raises LogQuorumUnavailable)."""
-
-    txid: str
+    """A txid registered on the Paxos log's databases -> (txid, its voters)
+    (:meth:`txmgr.PaxosLog.take`; raises LogQuorumUnavailable)."""
 
 
 @dataclass(slots=True)
@@ -150,9 +148,9 @@ def read_decision(lxid: int, txid: str) -> Step[tuple[XactStatus, bool]]:
     return answer
 
 
-def paxos_register(txid: str) -> Step[Voters]:
-    voters: Voters = yield PaxosRegister(txid)
-    return voters
+def paxos_register() -> Step[tuple[str, Voters]]:
+    registered: tuple[str, Voters] = yield PaxosRegister()
+    return registered
 
 
 def paxos_propose(txid: str, voters: Voters, participants: list[str]) -> Step[Outcome]:

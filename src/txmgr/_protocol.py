@@ -57,7 +57,7 @@ from txmgr.errors import (
     TransactionStateError,
 )
 from txmgr.hooks import Hooks
-from txmgr.paxos._core import Outcome
+from txmgr.paxos._core import Outcome, Voters
 from txmgr.paxos._log import paxos_gid
 
 __all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState"]
@@ -235,17 +235,23 @@ class TransactionCore:
             yield from self._abort(f"participant {b.name!r} failed before prepare: {err}", err)
         writers = [b for b, v in zip(branches, votes, strict=True) if v is True]
         readers = [b for b in branches if b not in writers]
+        voters = None
+        if tm.config.paxos_log is not None and len(writers) > 1:
+            # Before the hook, so that it sees the final txid.
+            voters = yield from self._paxos_register(writers)
         try:
             tm.hooks.after_vote(self.txid, [b.name for b in writers])
         except Exception as e:
             if decision is not None:
                 yield from decision.cancel()
+            if voters is not None:
+                yield from self._abort_unproposed(f"the after_vote hook failed: {e}", e)
             yield from self._abort(f"the after_vote hook failed: {e}", e)
         if len(writers) <= 1:
             yield from self._commit_one_phase(writers[0] if writers else None, readers, decision)
             return
-        if tm.config.paxos_log is not None:
-            yield from self._paxos_two_phase(writers, readers)
+        if voters is not None:
+            yield from self._paxos_two_phase(writers, readers, voters)
             return
         if decision is None:
             log_name = tm.log_participant
@@ -410,42 +416,47 @@ class TransactionCore:
             ),
         )
 
-    def _paxos_two_phase(self, to_prepare: list[Branch], readers: list[Branch]) -> Step[None]:
-        """Paxos mode: register on the log databases, prepare, propose commit.
-
-        Registration is a round of its own before PREPARE (it may not ride
-        with the votes yet: the async front end and the multiplexer's wait for
-        every job would let one dead log database stall the votes). The gids
-        name the voters, so recovery needs nothing else to finish a branch.
-        """
-        tm = self.tm
+    def _paxos_register(self, to_prepare: list[Branch]) -> Step[Voters]:
+        """Paxos mode: take a txid registered on the log databases (usually ahead,
+        with many others: see :meth:`txmgr.PaxosLog.take`) — the transaction's
+        txid from now on — and name its voters in every writer's gid, so that
+        recovery needs nothing else to finish a branch."""
         changed = [b for b in to_prepare if b.role_at_vote != b.role]
         if changed:
             yield from self._abort_role_change(changed[0])
         try:
-            voters = yield from paxos_register(self.txid)
+            txid, voters = yield from paxos_register()
         except Exception as e:  # LogQuorumUnavailable above all: nothing is prepared yet
             yield from self._abort(f"could not register the transaction on the Paxos log: {e}", e)
+        logger.debug("txid=%s: registered on the Paxos log as %s", self.txid, txid)
+        self.txid = txid
         for b in to_prepare:
-            b.gid = paxos_gid(self.txid, voters, b.name)
+            b.gid = paxos_gid(txid, voters, b.name)
+        return voters
+
+    def _paxos_two_phase(
+        self, to_prepare: list[Branch], readers: list[Branch], voters: Voters
+    ) -> Step[None]:
+        """Paxos mode: prepare (the gids name the voters), propose commit, finish."""
+        tm = self.tm
         try:
             failpoints.fire("before_prepare")
         except Exception as e:
-            yield from self._abort(f"failpoint before_prepare: {e}", e)
+            yield from self._abort_unproposed(f"failpoint before_prepare: {e}", e)
         failed = yield from self._prepare(to_prepare)
         if failed:
             # Nothing was proposed, and only this coordinator proposes commit:
             # commit can never be chosen. A branch prepared behind a lost
             # connection is rolled back by recovery (which decides abort).
             b, err = failed[0]
-            yield from self._abort(
+            yield from self._abort_unproposed(
                 with_hint(f"participant {b.name!r} could not prepare (voted no): {err}", err), err
             )
         try:
             failpoints.fire("before_decision")
             tm.hooks.before_decision(self.txid, 0)  # no lxid in Paxos mode
         except Exception as e:
-            yield from self._abort(f"the before_decision hook failed: {e}", e)
+            yield from self._abort_unproposed(f"the before_decision hook failed: {e}", e)
         try:
             outcome = yield from paxos_propose(self.txid, voters, [b.name for b in to_prepare])
         except Exception as e:  # the branches are prepared: only recovery can tell
@@ -576,6 +587,13 @@ class TransactionCore:
             "or on none, and `txmgr recover` or the daemon will finish it",
             txid=self.txid,
         ) from error
+
+    def _abort_unproposed(self, message: str, cause: BaseException | None) -> Step[NoReturn]:
+        """Paxos mode, before proposing: abort, and delete the registration later —
+        nothing was proposed for it, so no slot of it can hold a commit."""
+        self.tm.forget_later([self.txid])
+        yield from self._abort(message, cause)
+        raise AssertionError("unreachable: _abort raises")
 
     def _abort(self, message: str, cause: BaseException | None) -> Step[NoReturn]:
         """Roll back every branch (prepared or not) and raise TransactionAborted."""

@@ -63,12 +63,16 @@ class Transaction:
     Not thread-safe: one thread drives one transaction (the manager is shared).
     """
 
-    __slots__ = ("_core", "_tm", "txid")
+    __slots__ = ("_core", "_tm")
 
     def __init__(self, tm: _Manager) -> None:
         self._tm = tm
         self._core = _protocol.TransactionCore(tm)
-        self.txid = self._core.txid
+
+    @property
+    def txid(self) -> str:
+        """The global transaction id (in Paxos mode, final once commit() registers it)."""
+        return self._core.txid
 
     def __repr__(self) -> str:
         core = self._core
@@ -151,8 +155,8 @@ def perform_paxos(tm: _Manager, op: PaxosRegister | PaxosPropose) -> Any:
     """A Paxos log request, as blocking calls (the PaxosLog is thread-safe: the
     asyncio front end runs this in a worker thread)."""
     match op:
-        case PaxosRegister(txid):
-            return tm.paxos().begin(txid)
+        case PaxosRegister():
+            return tm.paxos().take()
         case PaxosPropose(txid, voters, participants):
             # Finished transactions ride on the same statement (deleted there).
             forget = tm.take_forget()

@@ -50,6 +50,7 @@ __all__ = [
     "prepare_query",
     "query_for",
     "read_query",
+    "register_many_query",
     "register_query",
     "run_quorum",
     "scan_query",
@@ -87,6 +88,21 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     "txmgr_paxos_register": ("text", _one(
         "INSERT INTO txmgr_paxos (txid) VALUES ($1) ON CONFLICT (txid) DO NOTHING",
         "rejected")),
+    # Many slots at once (the coordinator registers ahead, see PaxosLog.take):
+    # "ok" for each one created, "rejected" for one that existed.
+    "txmgr_paxos_register_many": ("text[]", (
+        f"WITH ins AS (INSERT INTO txmgr_paxos (txid) SELECT unnest($1) "
+        f" ON CONFLICT (txid) DO NOTHING RETURNING {_SLOT}) "
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        " SELECT t.txid, CASE WHEN i.txid IS NOT NULL THEN 'ok' ELSE 'rejected' END AS status, "
+        "  coalesce(i.promised, c.promised) AS promised, "
+        "  coalesce(i.accepted_ballot, c.accepted_ballot) AS accepted_ballot, "
+        "  coalesce(i.accepted_value, c.accepted_value) AS accepted_value, "
+        "  coalesce(i.participants, c.participants) AS participants, "
+        "  coalesce(i.created_at, c.created_at) AS created_at "
+        " FROM unnest($1) AS t(txid) LEFT JOIN ins i ON i.txid = t.txid "
+        " LEFT JOIN txmgr_paxos c ON c.txid = t.txid AND i.txid IS NULL) s"
+    )),
     "txmgr_paxos_promise": ("text, bigint", _one(
         "UPDATE txmgr_paxos SET promised = $2 WHERE txid = $1 AND promised < $2", "gone")),
     # $5: finished transactions whose slots go in the same statement (the
@@ -156,6 +172,11 @@ def register_query(txid: str) -> sql.Composed:
     acceptor "gone" for T, and the first durable statement flushes it anyway.
     """
     return _execute("txmgr_paxos_register", txid, durable=False)
+
+
+def register_many_query(txids: Sequence[str]) -> sql.Composed:
+    """:func:`register_query` for many txids in one statement (same rule, same commit)."""
+    return _execute("txmgr_paxos_register_many", list(txids), durable=False)
 
 
 def prepare_query(txid: str, ballot: int) -> sql.Composed:

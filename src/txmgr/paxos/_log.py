@@ -3,8 +3,8 @@
 It drives the proposer generators of :mod:`txmgr.paxos._core` with the
 statements of :mod:`txmgr.paxos._acceptor`. Call order for one transaction:
 
-1. ``voters = log.begin(txid)`` — registration, before any PREPARE (or
-   ``log.registration(txid)``, to send it in the round trip of the votes);
+1. ``txid, voters = log.take()`` — a txid registered ahead, before any
+   PREPARE (or ``log.begin(txid)`` to register a given one, one round each);
    raises :class:`LogQuorumUnavailable` when fewer than a majority answer:
    nothing was prepared, the transaction just aborts. The gids carry the
    voters: ``paxos_gid(txid, voters, participant)``.
@@ -27,13 +27,16 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 
 from txmgr._dsn import mask, redact
+from txmgr._gid import new_txid
 from txmgr.errors import ConfigError, LogSchemaError, ParticipantUnavailable
 from txmgr.participant import connect
 from txmgr.paxos._acceptor import (
@@ -41,6 +44,7 @@ from txmgr.paxos._acceptor import (
     forget_query,
     query_for,
     read_query,
+    register_many_query,
     run_quorum,
     scan_query,
 )
@@ -54,6 +58,7 @@ from txmgr.paxos._core import (
     Value,
     Voters,
     quorum_of,
+    registered_voters,
     settled,
 )
 from txmgr.paxos._errors import LogQuorumUnavailable
@@ -112,7 +117,12 @@ class PaxosLog:
       database more the transaction survives losing); the commit round never
       waits beyond its quorum;
     - ``round_timeout``: seconds after which an unanswered statement is given
-      up (default ``connect_timeout``).
+      up (default ``connect_timeout``);
+    - ``ahead``: at most this many txids registered in one round ahead of the
+      transactions that use them (:meth:`take`; 1 registers one per transaction);
+    - ``ahead_max_age``: seconds a txid registered ahead may wait for its
+      transaction; older ones are deleted unused. Keep it well below the
+      recovery's ``paxos_grace``, which is counted from the registration.
     """
 
     def __init__(
@@ -125,6 +135,8 @@ class PaxosLog:
         proposer_id: int | None = None,
         linger: float = 0.05,
         round_timeout: float | None = None,
+        ahead: int = 64,
+        ahead_max_age: float = 5.0,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -158,6 +170,16 @@ class PaxosLog:
                                    max_size=pool_max_size) for d in dsns]
         self.collector = Collector(timeout=self.round_timeout, done=straggler_done)
         self.proposer = Proposer(proposer_id if proposer_id is not None else secrets.randbits(32))
+        if ahead < 1 or ahead_max_age <= 0:
+            raise ConfigError("PaxosLog: ahead must be at least 1 and ahead_max_age positive")
+        self.ahead = ahead
+        self.ahead_max_age = ahead_max_age
+        # Registered ahead: (txid, voters, monotonic time the round was sent).
+        self._ready: deque[tuple[str, Voters, float]] = deque()
+        self._batch = 1  # next registration round's size: doubles while used up, see take()
+        self._refilled = 0.0
+        self._unused: list[str] = []  # registered, never used: deleted on the next decision
+        self._ahead_lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -226,6 +248,71 @@ class PaxosLog:
                                 timeout=self.round_timeout)
         return reg.finish(unanswered)
 
+    def take(self) -> tuple[str, Voters]:
+        """A txid registered on the log databases, and its voters, for a transaction
+        about to prepare its branches (its txid becomes this one).
+
+        Registration must precede every PREPARE, but it need not be a round of
+        each transaction's own: txids are registered ahead, many in one
+        statement per log database, and handed out here. A txid is handed out
+        once and only while younger than ``ahead_max_age``. The batch grows
+        (up to ``ahead``) while batches are used up quickly and shrinks when
+        txids expire unused, so a busy coordinator spends a fraction of a
+        round per transaction and an idle one wastes few registrations.
+
+        Raises LogQuorumUnavailable when a majority cannot register any.
+        """
+        self._check_open()
+        with self._ahead_lock:  # one registration round at a time; the others wait for it
+            now = time.monotonic()
+            expired = 0
+            while self._ready and now - self._ready[0][2] > self.ahead_max_age:
+                self._unused.append(self._ready.popleft()[0])
+                expired += 1
+            if expired:
+                self._batch = max(1, self._batch // 2)
+            if not self._ready:
+                if not expired and now - self._refilled < self.ahead_max_age / 2:
+                    self._batch = min(self.ahead, self._batch * 2)
+                self._register_ahead(self._batch)
+                self._refilled = now
+            txid, voters, _ = self._ready.popleft()
+            return txid, voters
+
+    def _register_ahead(self, count: int) -> None:
+        txids = [new_txid() for _ in range(count)]
+        sent = time.monotonic()
+        q = self.quorum
+
+        def enough(answers: list[Answer]) -> bool:
+            return sum(1 for a in answers if reply_of(a, txids[0]).status == "ok") >= q
+
+        # Wait a little for the acceptors beyond the quorum: every voter more
+        # is one more log database its transactions survive losing.
+        results = run_round(self, register_many_query(txids), enough=enough,
+                            linger=self.linger)
+        for txid in txids:
+            voters = registered_voters(by_incarnation(results, txid), len(self.links))
+            if voters is None:
+                self._unused.append(txid)
+            else:
+                self._ready.append((txid, voters, sent))
+        if not self._ready:
+            problems = [f"{mask(link.dsn)}: {r}" for link, r in results if isinstance(r, str)]
+            problems += [f"{mask(link.dsn)}: resting after an error ({link.last_error})"
+                         for link in self.links if all(k is not link for k, _ in results)]
+            answered = sum(1 for _, r in results if isinstance(r, Answer))
+            raise LogQuorumUnavailable(
+                f"only {answered} of {len(self.links)} Paxos log databases could register "
+                f"transactions, {q} are needed; nothing was prepared: " + "; ".join(problems),
+                answered=answered, needed=q, problems=problems,
+            )
+
+    def _take_unused(self) -> list[str]:
+        with self._ahead_lock:
+            unused, self._unused = self._unused, []
+            return unused
+
     def registration(self, txid: str) -> Registration:
         """:meth:`begin` in pieces, for a coordinator that sends the registration in
         the same round trip as its votes (see :class:`Registration`)."""
@@ -238,10 +325,18 @@ class PaxosLog:
     ) -> Outcome:
         """Ballot 0 with ``commit`` (every branch is prepared), then learn if needed.
 
-        ``forget``: finished transactions deleted by the same statement.
+        ``forget``: finished transactions deleted by the same statement (with
+        the txids registered ahead that expired unused: nothing was ever
+        proposed for them, so deleting them is always safe).
         """
         steps = self.proposer.commit(txid, voters, Value.commit(participants))
-        return self._drive(steps, voters, forget=forget)
+        unused = self._take_unused()
+        try:
+            return self._drive(steps, voters, forget=[*forget, *unused])
+        except BaseException:
+            with self._ahead_lock:
+                self._unused += unused
+            raise
 
     # -- recovery and learners --------------------------------------------------------
 
@@ -313,7 +408,19 @@ class PaxosLog:
             raise ConfigError("this PaxosLog is closed: create a new one")
 
     def close(self) -> None:
-        """Close every pool; statements still in flight are abandoned."""
+        """Delete the txids registered ahead and not used; close every pool
+        (statements still in flight are abandoned)."""
+        if self._closed:
+            return
+        with self._ahead_lock:
+            leftover = [*self._unused, *(t for t, _, _ in self._ready)]
+            self._unused, self._ready = [], deque()
+        if leftover:
+            try:
+                self.forget(leftover, keep_commit=True)
+            except Exception as e:  # recovery deletes them after its grace period
+                logger.warning("could not delete %d unused registrations: %s",
+                               len(leftover), redact(str(e)))
         self._closed = True
         self.collector.close()
         for link in self.links:

@@ -23,7 +23,9 @@ where the process ends with ``os._exit`` (exit status
 :data:`txmgr.failpoints.CRASH_EXIT`).
 
 It prints ``TXID <txid>`` before committing, so the caller knows which
-transaction to look for. If it survives (bad ``kill_at``), it exits 3.
+transaction to look for, and again after the vote if the txid changed (in
+Paxos mode a transaction takes its registered txid then): the last one
+counts. If it survives (bad ``kill_at``), it exits 3.
 """
 
 from __future__ import annotations
@@ -55,7 +57,20 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KillingHooks(Hooks):
+class TxidPrinter(Hooks):
+    """Prints ``TXID <txid>`` after the vote when commit() gave the transaction
+    its final txid (Paxos mode)."""
+
+    def __init__(self) -> None:
+        self.printed: str | None = None
+
+    def after_vote(self, txid: str, writers: list[str]) -> None:
+        if txid != self.printed:
+            self.printed = txid
+            print(f"TXID {txid}", flush=True)
+
+
+class KillingHooks(TxidPrinter):
     """Hooks that SIGKILL the process at ``point``.
 
     ``participants`` (name -> DSN) lets ``after_commit_prepared`` land exactly
@@ -67,11 +82,13 @@ class KillingHooks(Hooks):
     def __init__(self, point: str, participants: dict[str, str] | None = None) -> None:
         if point not in KILL_POINTS:
             raise ValueError(f"kill_at must be one of {KILL_POINTS}, not {point!r}")
+        super().__init__()
         self.point = point
         self.participants = participants or {}
         self._first: tuple[str, str] | None = None  # (participant, gid) let through
 
     def after_vote(self, txid: str, writers: list[str]) -> None:
+        super().after_vote(txid, writers)
         if self.point == "after_vote":
             _die()
 
@@ -121,9 +138,10 @@ def _wait_until_gone(dsn: str, gid: str, timeout: float = 30.0) -> None:
 
 
 def run(spec: dict[str, Any]) -> None:
-    hooks: Hooks | None = None
+    hooks: TxidPrinter
     if "failpoint" in spec:
         failpoints.enable(spec["failpoint"], "crash")
+        hooks = TxidPrinter()
     else:
         hooks = KillingHooks(spec["kill_at"], spec["participants"])
     log = spec["log"]
@@ -132,6 +150,7 @@ def run(spec: dict[str, Any]) -> None:
     tm = TransactionManager(spec["participants"], log, pool_min_size=0, hooks=hooks)
     with tm.transaction() as tx:
         print(f"TXID {tx.txid}", flush=True)
+        hooks.printed = tx.txid
         for name, statements in spec["statements"].items():
             for stmt in statements:
                 tx.connection(name).execute(stmt)

@@ -15,9 +15,11 @@ configured acceptor databases (N odd, q = N // 2 + 1). An acceptor keeps one
 *slot* per txid: ``(promised, accepted_ballot, accepted_value)``. A value is
 ``commit`` (naming the participants whose branches were prepared) or ``abort``.
 
-1. *Registration* (the coordinator, in the vote round, before any PREPARE):
-   every acceptor is asked to create T's slot ``(promised 0, nothing
-   accepted)``. The acceptors that answer "created" are T's *voters*; unless q
+1. *Registration* (the coordinator, before any PREPARE of T): every acceptor
+   is asked to create T's slot ``(promised 0, nothing accepted)``. A busy
+   coordinator registers txids ahead, many per statement, and a transaction
+   takes one when it is about to prepare (``PaxosLog.take``); a txid is
+   handed out once, and one that waited too long is deleted unused. The acceptors that answer "created" are T's *voters*; unless q
    of them answer, nothing is prepared and T aborts. Voters are named by their
    *incarnation* (below) and written, with q, into every branch's gid, so
    whoever finds a prepared branch knows T's voters and quorum.

@@ -98,7 +98,9 @@ def name_of(conn: Any) -> str:
 
 def label(query: bytes) -> str:
     if b"INSERT INTO txmgr_decision" in query:
-        return "open decision"
+        return "decide" if query.endswith(b"; COMMIT") else "open decision"
+    if query.startswith(b"SET LOCAL synchronous_commit = on; SET LOCAL idle_in_transaction"):
+        return "vote as L"  # the log participant's vote sets what L needs
     return next(name for prefix, name in LABELS if query.startswith(prefix))
 
 
@@ -145,13 +147,15 @@ class Servers:
             return
         if what in ("begin", "open decision"):
             conn.info.transaction_status = TransactionStatus.INTRANS
-        elif what in ("prepare", "commit", "rollback"):
+        elif what in ("prepare", "commit", "rollback", "decide"):
             conn.info.transaction_status = TransactionStatus.IDLE
-        job.tag = {"prepare": b"PREPARE TRANSACTION", "commit": b"COMMIT"}.get(what, b"OK")
+        job.tag = {"prepare": b"PREPARE TRANSACTION", "commit": b"COMMIT",
+                   "decide": b"COMMIT"}.get(what, b"OK")
         if what == "begin":
             job.rows = [(self.core.txid, "app")]
-        elif what == "vote":
-            job.rows = [("t" if conn.name in self.writers else "f", self.core.txid, "app")]
+        elif what in ("vote", "vote as L"):
+            # The branch's xid if it wrote, else NULL.
+            job.rows = [("7" if conn.name in self.writers else None, self.core.txid, "app")]
         elif what == "open decision":
             job.rows = [("77",)]
 
@@ -235,6 +239,20 @@ def test_log_in_a_participant_is_its_branch() -> None:
         [("b", "prepare"), ("c", "prepare")],
     ]
     assert servers.trace[5] == [("a", "commit")]  # one phase: the commit point
+
+
+def test_a_log_participant_that_wrote_inserts_the_decision_with_its_commit() -> None:
+    core, servers, tm = transaction(("a", "b", "c"), writers={"a", "b", "c"}, log="a")
+    drive(core.commit(patience=0), servers.perform)
+    assert core.state is State.COMMITTED
+    assert servers.trace[:4] == [
+        [("a", "vote as L"), ("b", "vote"), ("c", "vote")],
+        # a's xid (from its vote) is L's: no round trip to open L
+        [("b", "prepare"), ("c", "prepare")],
+        [("a", "decide")],  # decision row + COMMIT: the commit point
+        [("b", "commit prepared"), ("c", "commit prepared")],
+    ]
+    assert core.branches == {} and tm.waiting == []
 
 
 def test_a_no_vote_rolls_everything_back() -> None:

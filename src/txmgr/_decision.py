@@ -46,7 +46,7 @@ class Decision:
     """The decision transaction ``L``: on a dedicated log connection, or on the
     log participant's own branch connection (``conn`` given)."""
 
-    __slots__ = ("_owned", "_tm", "_txid", "conn", "error", "forget", "lxid")
+    __slots__ = ("_owned", "_tm", "_txid", "conn", "error", "forget", "lxid", "row")
 
     def __init__(self, tm: ForgetQueue, txid: str, conn: AnyConnection | None = None) -> None:
         self._tm = tm
@@ -56,6 +56,8 @@ class Decision:
         self.lxid = 0  # set once L is open
         self.forget: list[str] = []  # finished decisions this L deletes
         self.error: BaseException | None = None  # why L could not be opened
+        # Participants of a decision row not inserted yet: it goes with the COMMIT.
+        self.row: list[str] | None = None
 
     def job(self, participants: Sequence[str]) -> Step[Job | None]:
         """The query opening ``L``, to send along with the votes; None when no log
@@ -111,6 +113,23 @@ class Decision:
                 return
             if attempt == 2:  # stale again: give up
                 self.error = job.error
+
+    def open_at_commit(self, lxid: int, participants: Sequence[str]) -> None:
+        """``L`` is the log participant's branch, which wrote and so has its xid:
+        the decision row is inserted by the query that commits it, one round
+        trip fewer than :meth:`open` (the branch's vote set what ``L`` needs,
+        see :func:`txmgr.log.decision_settings`)."""
+        self.lxid = lxid
+        self.row = list(participants)
+
+    def commit_job(self) -> Job:
+        """The query that commits ``L`` — the commit point."""
+        assert self.conn is not None
+        if self.row is None:
+            return Job(self.conn, b"COMMIT")
+        self.forget = self._tm.take_forget()
+        query = decision_log.decide_query(self._txid, self.row, forget=self.forget)
+        return Job(self.conn, query.as_bytes(self.conn))
 
     def _discard_connection(self) -> Step[None]:
         self.forget_later()

@@ -57,6 +57,7 @@ from txmgr.errors import (
     TransactionStateError,
 )
 from txmgr.hooks import Hooks
+from txmgr.log import decision_settings
 from txmgr.paxos._core import Outcome, Voters
 from txmgr.paxos._log import paxos_gid
 
@@ -94,7 +95,7 @@ class TransactionState(enum.Enum):
 class Branch:
     """One participant's branch: its connection and, once known, its gid."""
 
-    __slots__ = ("conn", "gid", "name", "prepared", "role", "role_at_vote")
+    __slots__ = ("conn", "gid", "name", "prepared", "role", "role_at_vote", "xid")
 
     def __init__(self, name: str, conn: AnyBranchConnection, role: str | None = None) -> None:
         self.name = name
@@ -107,6 +108,7 @@ class Branch:
         # block, set_config with a bound name) must stop the PREPARE.
         self.role = role
         self.role_at_vote = role
+        self.xid: int | None = None  # the branch's own xid, as the vote found it
 
 
 class TransactionCore:
@@ -217,7 +219,13 @@ class TransactionCore:
         self, branches: list[Branch], decision: Decision | None, patience: float
     ) -> Step[None]:
         tm = self.tm
-        jobs = [Job(b.conn, _VOTE_QUERY) for b in branches]
+        # The log participant's branch may become L: its vote sets what L needs.
+        log_vote = (
+            decision_settings(tm.config.log_idle_timeout) + _VOTE_QUERY
+            if tm.log_participant is not None and tm.config.paxos_log is None else _VOTE_QUERY
+        )
+        jobs = [Job(b.conn, log_vote if b.name == tm.log_participant else _VOTE_QUERY)
+                for b in branches]
         log_job = None
         if decision is not None:
             log_job = yield from decision.job([b.name for b in branches])
@@ -270,7 +278,10 @@ class TransactionCore:
             to_prepare = [b for b in writers if b is not log_branch]
             readers = [b for b in readers if b is not log_branch]
             decision = Decision(tm, self.txid, log_branch.conn)
-            yield from decision.open([b.name for b in writers])
+            if log_branch.xid is not None:  # it wrote: its xid names L already
+                decision.open_at_commit(log_branch.xid, [b.name for b in writers])
+            else:
+                yield from decision.open([b.name for b in writers])
         else:
             yield from decision.open([b.name for b in branches])  # unless it already is
             to_prepare = writers
@@ -306,10 +317,11 @@ class TransactionCore:
         if job.error is not None:
             return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
         assert job.rows is not None
-        wrote, marker, b.role_at_vote = job.rows[0]
+        xid, marker, b.role_at_vote = job.rows[-1]
         if marker != self.txid:  # ended by hand, and a new transaction begun since
             return _ManualEnd()
-        return wrote == "t"
+        b.xid = int(xid) if xid is not None else None
+        return xid is not None
 
     def _commit_one_phase(
         self, writer: Branch | None, readers: list[Branch], decision: Decision | None
@@ -551,10 +563,17 @@ class TransactionCore:
         """Commit the decision transaction; settle a lost reply by asking the log."""
         conn = decision.conn
         assert conn is not None
-        job = Job(conn, b"COMMIT")
+        job = decision.commit_job()
         yield Run([job])
         if job.error is None and job.tag == b"COMMIT":
             return
+        if isinstance(job.error, psycopg.errors.UndefinedTable):  # L rolled back
+            decision.forget_later()
+            yield from self._rollback_branches(self.branches.values())
+            self.state = TransactionState.ROLLED_BACK
+            raise LogSchemaError(
+                "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
+            ) from None
         error: BaseException = job.error or TransactionAborted(
             f"the decision transaction had failed: COMMIT answered {job.tag!r}", txid=self.txid
         )
@@ -636,7 +655,7 @@ class TransactionCore:
 
 
 _VOTE_QUERY = (
-    b"SELECT pg_current_xact_id_if_assigned() IS NOT NULL, current_setting('txmgr.txid', true),"
+    b"SELECT pg_current_xact_id_if_assigned()::text, current_setting('txmgr.txid', true),"
     b" current_user"
 )
 

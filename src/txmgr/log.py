@@ -46,8 +46,10 @@ __all__ = [
     "DecisionRow",
     "XactStatus",
     "committed_txids",
+    "decide_query",
     "decision_query",
     "decision_rows",
+    "decision_settings",
     "delete_decisions",
     "log_session_options",
     "open_decision",
@@ -156,6 +158,38 @@ def decision_query(
             "VALUES ({}, pg_current_xact_id(), {}::text[]) RETURNING lxid::text"
         ).format(sql.Literal(txid), sql.Literal(list(participants)))
     )
+    return sql.SQL("; ").join(parts)
+
+
+def decision_settings(idle_timeout: float) -> bytes:
+    """The two ``SET LOCAL`` every ``L`` on a log participant's branch needs (see
+    :func:`decision_query`), as a prefix for a query sent before any PREPARE."""
+    timeout_ms = max(1, int(idle_timeout * 1000))
+    return (b"SET LOCAL synchronous_commit = on; "
+            b"SET LOCAL idle_in_transaction_session_timeout = %d; " % timeout_ms)
+
+
+def decide_query(txid: str, participants: Sequence[str], *, forget: Sequence[str] = ()
+                 ) -> sql.Composed:
+    """Insert the decision row and COMMIT ``L``, in one query: for an ``L`` that is a
+    log participant's branch which already has its xid (its gids carry it) and
+    its settings (:func:`decision_settings`). The row is part of ``L`` whether
+    inserted first or last: ``L``'s commit is the decision either way. If the
+    INSERT fails, the COMMIT is not run and ``L`` is left failed (rolled back)."""
+    parts: list[sql.Composable] = []
+    if forget:
+        parts.append(
+            sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
+                sql.Literal(list(forget))
+            )
+        )
+    parts.append(
+        sql.SQL(
+            "INSERT INTO txmgr_decision (txid, lxid, participants) "
+            "VALUES ({}, pg_current_xact_id(), {}::text[])"
+        ).format(sql.Literal(txid), sql.Literal(list(participants)))
+    )
+    parts.append(sql.SQL("COMMIT"))
     return sql.SQL("; ").join(parts)
 
 

@@ -19,8 +19,9 @@ configured acceptor databases (N odd, q = N // 2 + 1). An acceptor keeps one
    is asked to create T's slot ``(promised 0, nothing accepted)``. A busy
    coordinator registers txids ahead, many per statement, and a transaction
    takes one when it is about to prepare (``PaxosLog.take``); a txid is
-   handed out once, and one that waited too long is deleted unused. The acceptors that answer "created" are T's *voters*; unless q
-   of them answer, nothing is prepared and T aborts. Voters are named by their
+   handed out once, and one that waited too long is deleted unused. The
+   acceptors that answer "created" are T's *voters*; unless q of them
+   answer, nothing is prepared and T aborts. Voters are named by their
    *incarnation* (below) and written, with q, into every branch's gid, so
    whoever finds a prepared branch knows T's voters and quorum.
 2. *Ballot 0* (the coordinator, once every branch is prepared): phase 2 with

@@ -122,7 +122,13 @@ class PaxosLog:
       transactions that use them (:meth:`take`; 1 registers one per transaction);
     - ``ahead_max_age``: seconds a txid registered ahead may wait for its
       transaction; older ones are deleted unused. Keep it well below the
-      recovery's ``paxos_grace``, which is counted from the registration.
+      recovery's ``paxos_grace``, which is counted from the registration;
+    - ``ahead_linger``: seconds a registration round waits, once a majority
+      answered, for the other log databases. A transaction survives losing
+      ``voters - majority`` log databases, so a voter missed only because it
+      was slow is a loss of fault tolerance: this round is off the commit path
+      (one per batch), and it ends as soon as every log database asked
+      answered, so it can afford to wait (known-dead ones are not asked).
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class PaxosLog:
         round_timeout: float | None = None,
         ahead: int = 64,
         ahead_max_age: float = 5.0,
+        ahead_linger: float = 1.0,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -174,6 +181,7 @@ class PaxosLog:
             raise ConfigError("PaxosLog: ahead must be at least 1 and ahead_max_age positive")
         self.ahead = ahead
         self.ahead_max_age = ahead_max_age
+        self.ahead_linger = ahead_linger
         # Registered ahead: (txid, voters, monotonic time the round was sent).
         self._ready: deque[tuple[str, Voters, float]] = deque()
         self._batch = 1  # next registration round's size: doubles while used up, see take()
@@ -287,10 +295,10 @@ class PaxosLog:
         def enough(answers: list[Answer]) -> bool:
             return sum(1 for a in answers if reply_of(a, txids[0]).status == "ok") >= q
 
-        # Wait a little for the acceptors beyond the quorum: every voter more
-        # is one more log database its transactions survive losing.
+        # Wait for the acceptors beyond the quorum: every voter more is one
+        # more log database these transactions survive losing.
         results = run_round(self, register_many_query(txids), enough=enough,
-                            linger=self.linger)
+                            linger=max(self.linger, self.ahead_linger))
         for txid in txids:
             voters = registered_voters(by_incarnation(results, txid), len(self.links))
             if voters is None:

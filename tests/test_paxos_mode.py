@@ -24,7 +24,6 @@ from ops_support import DaemonProcess, metric, wait_for
 from support import KILLED_COORDINATOR, Bank, MakeBank, query, run_coordinator, transfer
 from txmgr.failpoints import CRASH_EXIT
 from txmgr.paxos import PAXOS_GID_PREFIX
-from txmgr.resolve import resolve
 from txmgr.testing import Server
 from txmgr.testing.proxy import FaultProxy
 from txmgr.testing.pytest_plugin import MakeDatabase
@@ -198,17 +197,6 @@ def test_a_failed_prepare_aborts_and_leaves_nothing(
         run(tm, statements)
     assert (bank.balance("a"), bank.balance("b")) == (1000, 1000)
     assert paxos_prepared(bank) == []
-
-
-def test_an_async_manager_refuses_a_paxos_log(
-    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
-) -> None:
-    bank = make_bank()
-    with pytest.raises(txmgr.ConfigError, match="does not support a Paxos log"):
-        txmgr.AsyncTransactionManager(bank.dsns, log=paxos_log(closing, acceptors))
-
-
-# -- log databases down -----------------------------------------------------------------
 
 
 def test_one_log_database_down_commits_continue(
@@ -448,10 +436,3 @@ def test_status_json_shows_the_decision_and_every_acceptor(
     assert json.loads(stuck.stdout)["stuck"] == 4
 
 
-def test_resolve_refuses_a_paxos_config(
-    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
-) -> None:
-    bank = make_bank()
-    config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, acceptors))
-    with pytest.raises(txmgr.ConfigError, match="resolve does not support Paxos mode"):
-        resolve(config, "txp1_whatever", commit=True)

@@ -7,6 +7,12 @@ task of an event loop; each transaction belongs to one task. Nothing
 connects until needed. The few blocking helpers that run rarely (checking a
 server or the log schema on first use, deleting finished decisions in bulk,
 asking the log about a lost COMMIT reply) run on a worker thread.
+
+With a :class:`txmgr.PaxosLog` (Paxos mode) the log's calls are blocking and
+thread-safe — rounds over several log databases that move on once a majority
+answered — so every one of them (the check at open, a transaction's
+registration and proposal, deleting finished slots, closing) runs on a worker
+thread too, and the event loop stays free while a round waits.
 """
 
 from __future__ import annotations
@@ -40,17 +46,12 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
     ...         await (await tx.connection("orders")).execute("INSERT …")
     ...         await (await tx.connection("billing")).execute("UPDATE …")
 
-    Options as for :class:`txmgr.TransactionManager`; :meth:`from_config`
+    Options as for :class:`txmgr.TransactionManager`, ``log`` a
+    :class:`txmgr.PaxosLog` too (closed with the manager); :meth:`from_config`
     reads them from a file. Hooks are called on the event loop and must be quick.
     """
 
     def _init(self, config: Config, hooks: Hooks | None) -> None:
-        if config.paxos_log is not None:
-            # The Paxos log's rounds are blocking calls; no async driver yet.
-            raise ConfigError(
-                "AsyncTransactionManager does not support a Paxos log (PaxosLog) yet: use "
-                "txmgr.TransactionManager, or a single log database (log=\"postgresql://…\")"
-            )
         super()._init(config, hooks)
         self._lock = asyncio.Lock()  # binds to the loop of its first use
         self._log_pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = (
@@ -80,10 +81,25 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
     async def open(self) -> None:
         """Check the decision log now (``async with`` calls it); optional otherwise."""
         self._require_open("open()")
-        await self.logid()
+        await self.check_log()
+
+    async def check_log(self) -> None:
+        """Check the decision log on first call (later calls return at once): the
+        log's schema, or in Paxos mode every log database's schema and a majority
+        answering (LogQuorumUnavailable otherwise)."""
+        paxos = self.config.paxos_log
+        if paxos is None:
+            await self.logid()
+        elif self._logid is None:
+            async with self._lock:
+                if self._logid is None:
+                    await asyncio.to_thread(paxos.check)
+                    self._logid = "paxos"  # checked (a Paxos gid names voters, not a log id)
 
     async def logid(self) -> str:
         """The decision log's id (connects and checks the log schema on first call)."""
+        if self.config.paxos_log is not None:
+            raise ConfigError("a Paxos log has no single log id: each gid names its voters")
         logid = self._logid
         if logid is None:
             async with self._lock:
@@ -94,12 +110,12 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
 
     async def check(self) -> None:
         """Connect to every participant and the log now, raising the first problem."""
-        await self.logid()
+        await self.check_log()
         for p in self._participants.values():
             await p.pool()
 
     async def close(self) -> None:
-        """Delete finished decision rows and close every pool."""
+        """Delete finished decision rows and close every pool (and the Paxos log)."""
         if self._closed:
             return
         self._closed = True
@@ -111,6 +127,9 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
             await p.close()
         if self._log_pool is not None:
             await self._log_pool.close()
+        if self.config.paxos_log is not None:
+            # Joins its collector thread and closes its pools: blocking.
+            await asyncio.to_thread(self.config.paxos_log.close)
 
     async def __aenter__(self) -> AsyncTransactionManager:
         await self.open()
@@ -162,7 +181,13 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
         if not batch:
             return
         try:
-            await asyncio.to_thread(self._delete_decisions, batch)
+            paxos = self.config.paxos_log
+            if paxos is not None:
+                # A slot is deleted on every log database that answers; the
+                # others' are cleaned up by recovery.
+                await asyncio.to_thread(paxos.forget, batch)
+            else:
+                await asyncio.to_thread(self._delete_decisions, batch)
         except BaseException:
             self.forget_later(batch)
             raise

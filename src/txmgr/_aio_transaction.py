@@ -5,7 +5,13 @@ here each request it yields is awaited: queries through the event loop's
 readers (:func:`txmgr._multiplex.run_all_async`, one task, no threads),
 connections from :class:`~psycopg_pool.AsyncConnectionPool`, pauses with
 :func:`asyncio.sleep`. Asking the log about a lost COMMIT reply — rare — runs
-the blocking helper of :mod:`txmgr.log` on a worker thread.
+the blocking helper of :mod:`txmgr.log` on a worker thread. So do the
+requests of Paxos mode (registration, proposing commit): a worker thread runs
+:func:`txmgr.transaction.perform_paxos`, the very function the blocking front
+end calls, so both share one implementation and the loop stays free while a
+round waits for a majority of the log databases. Cancelled there, the task
+stops waiting, the thread finishes its round, and what it leaves prepared is
+finished by recovery, as after a crash at that point.
 
 Hooks and failpoints are called on the event loop's thread, so they must be
 quick (a ``sleep`` failpoint stalls the loop, as it stalls a thread in sync
@@ -30,6 +36,8 @@ from txmgr._ops import (
     Forget,
     LogConnection,
     Op,
+    PaxosPropose,
+    PaxosRegister,
     ReadDecision,
     Release,
     ReleaseLog,
@@ -39,6 +47,7 @@ from txmgr._ops import (
 )
 from txmgr._protocol import TransactionState
 from txmgr.log import XactStatus
+from txmgr.paxos._log import PaxosLog
 
 __all__ = ["AsyncTransaction"]
 
@@ -49,11 +58,12 @@ class _AsyncManager(_protocol.Coordinator, Protocol):
     """What the asyncio front end needs from its manager (no import cycle)."""
 
     def participant(self, name: str) -> AsyncParticipant: ...
-    async def logid(self) -> str: ...
+    async def check_log(self) -> None: ...
     async def log_connection(self, *, wait: bool = True) -> psycopg.AsyncConnection[Any]: ...
     async def release_log_connection(self, conn: psycopg.AsyncConnection[Any]) -> None: ...
     def read_decision(self, lxid: int, txid: str) -> tuple[XactStatus, bool]: ...
     async def forget(self, txids: Iterable[str]) -> None: ...
+    def paxos(self) -> PaxosLog: ...
 
 
 class AsyncTransaction:
@@ -63,12 +73,16 @@ class AsyncTransaction:
     between tasks: one task drives one transaction (the manager is shared).
     """
 
-    __slots__ = ("_core", "_tm", "txid")
+    __slots__ = ("_core", "_tm")
 
     def __init__(self, tm: _AsyncManager) -> None:
         self._tm = tm
         self._core = _protocol.TransactionCore(tm)
-        self.txid = self._core.txid
+
+    @property
+    def txid(self) -> str:
+        """The global transaction id (in Paxos mode, final once commit() registers it)."""
+        return self._core.txid
 
     def __repr__(self) -> str:
         core = self._core
@@ -85,7 +99,7 @@ class AsyncTransaction:
         core.require(TransactionState.ACTIVE, "connection()")
         branch = core.branches.get(name)
         if branch is None:
-            await self._tm.logid()  # the log is checked before the first branch
+            await self._tm.check_log()  # the log is checked before the first branch
             branch = await _drive(self._tm, core.open_branch(name))
         return cast("psycopg.AsyncConnection[Any]", branch.conn)
 
@@ -100,7 +114,7 @@ class AsyncTransaction:
         await _drive(self._tm, self._core.rollback())
 
     async def __aenter__(self) -> AsyncTransaction:
-        await self._tm.logid()  # fail before any work when the log is unusable
+        await self._tm.check_log()  # fail before any work when the log is unusable
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
@@ -145,4 +159,10 @@ async def _perform(tm: _AsyncManager, op: Op) -> Any:
             await asyncio.sleep(seconds)
         case Forget(txids):
             await tm.forget(txids)
+        case PaxosRegister() | PaxosPropose():
+            # perform_paxos needs only paxos(), take_forget() and forget_later()
+            # of its manager (this one has them; its annotation names the sync one).
+            return await asyncio.to_thread(
+                _sync_transaction.perform_paxos, cast(Any, tm), op
+            )
     return None

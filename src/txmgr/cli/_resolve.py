@@ -40,23 +40,33 @@ def resolve_cmd(
     transaction is still in progress; needs --force when the log has no
     decision. Every resolution is first recorded in txmgr_resolution_audit in
     the log database. Exit 0 when the branch was finished by this command.
+
+    In Paxos mode --rollback of an undecided transaction proposes abort (refused
+    if Paxos keeps an accepted commit), --commit needs a commit accepted by the
+    log databases, and nothing is done without a majority of the transaction's
+    log databases answering.
     """
     if commit == rollback:
         raise click.UsageError("say what to do: exactly one of --commit or --rollback")
-    result = resolve(
-        load_config(config_path),
-        gid,
-        commit=commit,
-        force=force,
-        participant=participant,
-        reason=reason,
-    )
+    config = load_config(config_path)
+    try:
+        result = resolve(
+            config, gid, commit=commit, force=force, participant=participant, reason=reason
+        )
+    finally:
+        if config.paxos_log is not None:
+            config.paxos_log.close()  # its pools and collector thread
     done = {"commit": "committed", "rollback": "rolled back"}[result.action]
     forced = " (forced)" if result.forced else ""
+    detail = f" ({result.detail})" if result.detail else ""
+    rows = (  # Paxos mode: a row in each log database that took it
+        "audit rows " + ", ".join(f"{i} in {dsn}" for dsn, i in result.audit_rows)
+        if result.audit_rows else f"audit row {result.audit_id}"
+    )
     if result.outcome == "done":
         click.echo(
             f"{done} {result.gid} on {result.participant}{forced}; the log's decision was "
-            f"{result.log_decision!r}; audit row {result.audit_id}"
+            f"{result.log_decision!r}{detail}; {rows}"
         )
         sys.exit(0)
     why = {
@@ -64,8 +74,8 @@ def resolve_cmd(
         "busy": "another session is finishing it right now",
     }[result.outcome]
     click.echo(
-        f"did not finish {result.gid} on {result.participant}: {why}; audit row "
-        f"{result.audit_id} records the attempt; check with `txmgr status`",
+        f"did not finish {result.gid} on {result.participant}: {why}; {rows} "
+        f"record{'s' if not result.audit_rows else ''} the attempt; check with `txmgr status`",
         err=True,
     )
     sys.exit(1)

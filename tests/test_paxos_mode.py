@@ -232,51 +232,53 @@ def test_two_log_databases_down_abort_with_nothing_prepared(
 # -- a crashed coordinator, and recovery -------------------------------------------------
 
 
-@pytest.mark.parametrize("failpoint", ["after_prepare", "before_decision"])
-def test_a_coordinator_crashed_before_the_decision_is_rolled_back(
-    make_bank: MakeBank, acceptors: list[str], closing: list[Any], failpoint: str
-) -> None:
-    bank = make_bank()
-    txid = crash_at(bank, acceptors, failpoint, transfer(30, "a", "b"))
-    assert paxos_prepared(bank), "the crash left no prepared branch"
-    report = recover(bank, closing, acceptors)
-    assert report.ok, report.errors
-    assert report.rolled_back >= 1 and report.committed == 0
-    assert paxos_prepared(bank) == []
-    assert (bank.balance("a"), bank.balance("b")) == (1000, 1000)
-    assert txid not in slot_txids(paxos_log(closing, acceptors))  # forgotten
+#: Every failpoint of a two-phase commit, and what recovery must make of a crash there.
+EVERY_STEP = [("before_vote", 0), ("before_prepare", 0), ("after_prepare", 0),
+              ("before_decision", 0), ("after_decision", 30), ("before_commit_prepared", 30),
+              ("after_commit_prepared", 30), ("before_cleanup", 30)]
 
 
-def test_a_coordinator_crashed_after_the_decision_is_committed(
-    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
-) -> None:
-    bank = make_bank()
-    txid = crash_at(bank, acceptors, "after_decision", transfer(30, "a", "b"))
-    assert len(paxos_prepared(bank)) == 2
-    report = recover(bank, closing, acceptors)
-    assert report.ok, report.errors
-    assert report.committed == 2
-    assert paxos_prepared(bank) == []
-    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
-    assert txid not in slot_txids(paxos_log(closing, acceptors))
-    assert recover(bank, closing, acceptors).resolutions == []  # nothing left to do
-
-
-@pytest.mark.parametrize(("failpoint", "moved"), [("before_decision", 0),
-                                                   ("after_decision", 30)])
-def test_recovery_with_one_log_database_down(
+@pytest.mark.parametrize("down", [False, True], ids=["all-up", "one-down"])
+@pytest.mark.parametrize(("failpoint", "moved"), EVERY_STEP)
+def test_a_coordinator_killed_at_every_step_is_finished_as_decided(
     make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
-    failpoint: str, moved: int,
+    failpoint: str, moved: int, down: bool,
 ) -> None:
     bank = make_bank()
     dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
-    crash_at(bank, dsns, failpoint, transfer(30, "a", "b"))
-    assert len(paxos_prepared(bank)) == 2
-    proxies[0].stop()
+    if down:  # down for the coordinator and for recovery alike
+        proxies[0].stop()
+    txid = crash_at(bank, dsns, failpoint, transfer(30, "a", "b"))
     report = recover(bank, closing, dsns)
+    assert report.ok, report.errors
     assert paxos_prepared(bank) == []
     assert (bank.balance("a"), bank.balance("b")) == (1000 - moved, 1000 + moved)
-    assert report.committed + report.rolled_back == 2
+    assert bank.total() == bank.expected_total
+    # Its slots are gone from every log database that answers.
+    assert txid not in slot_txids(paxos_log(closing, dsns))
+    assert recover(bank, closing, dsns).resolutions == []  # nothing left to do
+
+
+def test_two_log_databases_down_hold_an_in_doubt_transaction_until_one_returns(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    bank = make_bank()
+    dsns = [proxied(proxies, acceptors[0]), proxied(proxies, acceptors[1]), acceptors[2]]
+    crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    # Two go down: every statement sent to them is lost.
+    rules = [p.add_rule(r"EXECUTE", "drop_before", times=None) for p in proxies[:2]]
+    # No majority: recovery may not guess, and changes nothing.
+    stuck = recover(bank, closing, dsns)
+    assert stuck.committed == stuck.rolled_back == 0
+    assert len(paxos_prepared(bank)) == 2
+    assert {r.outcome for r in stuck.resolutions} == {"in progress"}
+    assert (bank.balance("a"), bank.balance("b")) == (1000, 1000)
+    # One returns: a majority again, and the decision (commit) is finished.
+    proxies[1].remove_rule(rules[1])
+    report = recover(bank, closing, dsns)
+    assert report.committed == 2 and paxos_prepared(bank) == []
+    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
 
 
 def test_config_from_toml_in_paxos_mode(tmp_path: Any, acceptors: list[str],

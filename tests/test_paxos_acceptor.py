@@ -180,7 +180,24 @@ def test_registration_commits_asynchronously_and_decisions_durably(
     assert register_query(t).as_string().startswith("SET LOCAL synchronous_commit = off;")
     for query in (prepare_query(t, 5), accept_query(t, 0, COMMIT), forget_query([t],
                                                                                 keep_commit=True)):
-        assert query.as_string().startswith("SET LOCAL synchronous_commit = on;")
+        assert query.as_string().startswith("EXECUTE ")  # the session's setting: on
+    # Even where the database's default is off, a PaxosLog session commits
+    # durably: its startup options win over database and role settings.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
+            sql.Identifier(dbname(dsn))))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    log = PaxosLog([dsn, dsn + "_b", dsn + "_c"], connect_timeout=5)
+    try:
+        conn = log.links[0].checkout(5)
+        assert conn is not None
+        try:
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        finally:
+            log.links[0].release(conn, broken=False)
+    finally:
+        log.close()
 
 
 def test_schema_check_and_migration_file(make_database: MakeDatabase) -> None:

@@ -13,7 +13,7 @@ on the newest row version, when two proposers race) makes it atomic:
 - forget: ``DELETE … WHERE txid = ANY(…) [AND accepted_value IS DISTINCT FROM 'commit']``.
 
 Everything but registration commits with ``synchronous_commit = on`` before
-the reply. Every answer carries the acceptor's incarnation, read in the same
+the reply (the session's setting, see :class:`~txmgr.paxos._links.AcceptorLink`). Every answer carries the acceptor's incarnation, read in the same
 statement, so a reply always names the state it came from. The slot in an
 "ok" answer is the row the change wrote (``RETURNING``: the values the rule
 saw under the row lock); in a "rejected" answer it is the row as the
@@ -21,7 +21,7 @@ statement's snapshot saw it, which only informs the next ballot.
 
 The statements are prepared once per session (planning them cost more than
 running them) and executed through the simple protocol, every argument quoted
-by psycopg (``sql.Literal``), behind a ``SET LOCAL synchronous_commit``.
+by psycopg (``sql.Literal``); registration behind a ``SET LOCAL synchronous_commit = off``.
 """
 
 from __future__ import annotations
@@ -147,8 +147,11 @@ _prepared_lock = threading.Lock()
 
 
 def _execute(name: str, *args: object, durable: bool = True) -> sql.Composed:
-    return sql.SQL("SET LOCAL synchronous_commit = {}; EXECUTE {}{}").format(
-        sql.SQL("on" if durable else "off"),
+    # Durable statements rely on the session's synchronous_commit = on, set by
+    # the pool's startup options (they override database and role defaults);
+    # only registration turns it off, for its own implicit transaction.
+    return sql.SQL("{}EXECUTE {}{}").format(
+        sql.SQL("" if durable else "SET LOCAL synchronous_commit = off; "),
         sql.Identifier(name),
         sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, args))) if args
         else sql.SQL(""),

@@ -76,8 +76,10 @@ class AcceptorLink:
                         **network_defaults(self.dsn),
                         "connect_timeout": max(1, round(self.connect_timeout)),
                         "autocommit": True,
-                        # Every durable statement sets this itself too; the lock
-                        # timeout keeps a round from hanging on a stuck row lock.
+                        # Durable statements rely on synchronous_commit = on here:
+                        # startup options override database and role defaults.
+                        # The lock timeout keeps a round from hanging on a stuck
+                        # row lock.
                         # A generic plan for the prepared statements: planning them
                         # anew each time would cost more than running them.
                         "options": session_options(self.dsn, {

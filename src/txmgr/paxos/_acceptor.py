@@ -13,15 +13,17 @@ on the newest row version, when two proposers race) makes it atomic:
 - forget: ``DELETE … WHERE txid = ANY(…) [AND accepted_value IS DISTINCT FROM 'commit']``.
 
 Everything but registration commits with ``synchronous_commit = on`` before
-the reply (the session's setting, see :class:`~txmgr.paxos._links.AcceptorLink`). Every answer carries the acceptor's incarnation, read in the same
-statement, so a reply always names the state it came from. The slot in an
+the reply (the session's setting, see :class:`~txmgr.paxos._links.AcceptorLink`).
+Every answer carries the acceptor's incarnation, read in the same statement,
+so a reply always names the state it came from. The slot in an
 "ok" answer is the row the change wrote (``RETURNING``: the values the rule
 saw under the row lock); in a "rejected" answer it is the row as the
 statement's snapshot saw it, which only informs the next ballot.
 
 The statements are prepared once per session (planning them cost more than
 running them) and executed through the simple protocol, every argument quoted
-by psycopg (``sql.Literal``); registration behind a ``SET LOCAL synchronous_commit = off``.
+by psycopg (``sql.Literal``); registration behind a
+``SET LOCAL synchronous_commit = off``.
 """
 
 from __future__ import annotations

@@ -93,7 +93,9 @@ def logs() -> Iterator[list[PaxosLog]]:
 def open_log(logs: list[PaxosLog], dsns: list[str], **kwargs: Any) -> PaxosLog:
     # A long linger: every acceptor that answers at all registers (the machine
     # may be slow); only the dead ones are left out.
-    log = PaxosLog(dsns, connect_timeout=5, **{"linger": 10.0, **kwargs})
+    # Ballot 0 to every voter, as these tests expect of the slots they read;
+    # ballot 0 to a majority has tests of its own (and is the managers' default).
+    log = PaxosLog(dsns, connect_timeout=5, **{"linger": 10.0, "ballot0_to": "all", **kwargs})
     logs.append(log)
     return log
 
@@ -636,3 +638,67 @@ def test_take_with_one_log_database_down_and_two(
     other = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], dsns[2]], linger=0.05)
     with pytest.raises(LogQuorumUnavailable, match="2 are needed; nothing was prepared"):
         other.take()
+
+
+# -- ballot 0 to a majority --------------------------------------------------------------
+
+
+def accepted_on(dsns: list[str], txid: str) -> list[bool]:
+    out = []
+    for dsn in dsns:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT accepted_value FROM txmgr_paxos WHERE txid = %s",
+                               (txid,)).fetchone()
+            out.append(row is not None and row[0] == "commit")
+    return out
+
+
+def test_ballot0_goes_to_a_different_majority_each_time_and_cleanup_reaches_every_one(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    log = open_log(logs, acceptor_dsns, ballot0_to="majority")
+    done: list[str] = []
+    used: list[str] = []
+    seen: set[tuple[bool, ...]] = set()
+    for _ in range(6):
+        t, voters = log.take()
+        used.append(t)
+        out = log.propose_commit(t, voters, ["orders", "billing"], forget=done)
+        assert out.commits and out.ballot == 0
+        where = accepted_on(acceptor_dsns, t)
+        assert sum(where) == 2  # exactly a majority was asked
+        seen.add(tuple(where))
+        assert log.learn({t: voters})[t].decision == "commit"  # a reader sees it chosen
+        done = [t]
+    assert len(seen) == 3  # every pair took its turn
+    # A finished slot goes with the next decision on the databases it is sent
+    # to, and with a later one (when its turn comes) on the database left out:
+    # after six decisions, only the last two may linger anywhere.
+    left = {t for st in log.slots() for t in st.slots}
+    assert left & set(used) <= set(used[-2:])
+
+
+def test_ballot0_to_a_majority_falls_back_to_the_others_when_one_fails(
+    acceptor_dsns: list[str], logs: list[PaxosLog]
+) -> None:
+    proxy = proxy_for(acceptor_dsns[0])
+    try:
+        dsns = [proxy.dsn(acceptor_dsns[0]), acceptor_dsns[1], acceptor_dsns[2]]
+        outcomes = []
+        for lost in ("drop_before", "blackhole"):
+            # The first log database loses its next ballot 0 (an error, or a
+            # silence): whichever majority was asked, commit is still chosen.
+            # (A new log each time: after a fault the database rests, unasked.)
+            log = open_log(logs, dsns, ballot0_to="majority", hedge_after=0.2)
+            rule = proxy.add_rule(ACCEPT0, lost, times=1)
+            for _ in range(3):  # every rotation, so that the faulty one is asked
+                t, voters = log.take()
+                out = log.propose_commit(t, voters, ["orders", "billing"])
+                # Chosen at ballot 0: the third voter was asked, no phase 1 needed.
+                outcomes.append((out.decision, out.ballot))
+                assert sum(accepted_on(acceptor_dsns, t)) >= 2
+            assert rule.hits == 1
+            proxy.drop_all()
+        assert outcomes == [("commit", 0)] * 6
+    finally:
+        proxy.stop()

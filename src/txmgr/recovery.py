@@ -280,9 +280,12 @@ class Recoverer:
             for txid, learned in outcomes.items():
                 # No slot seen: registered after the scan, its coordinator is at work.
                 age = ages.get(txid, 0.0)
-                if learned.decision == "undecided" and age >= self.paxos_grace:
-                    # Its coordinator had its time: decide (abort, unless commit
-                    # was accepted somewhere that a quorum reports).
+                if learned.decision == "undecided" and (age >= self.paxos_grace
+                                                        or txid in commits):
+                    # Its coordinator had its time — or it proposed commit already
+                    # (ballot 0 goes to a majority; one of them may be down now,
+                    # hiding the choice from a plain read): decide. Phase 1 finds
+                    # a chosen commit in any majority; safety never needs the wait.
                     outcomes[txid] = log.recover(txid, found[txid])
         except TxmgrError as e:
             report.log_reachable = False

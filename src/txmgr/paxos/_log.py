@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -49,10 +49,12 @@ from txmgr.paxos._acceptor import (
     scan_query,
 )
 from txmgr.paxos._core import (
+    BALLOT0,
     MAX_ACCEPTORS,
     Outcome,
     Proposer,
     Reply,
+    Request,
     Slot,
     Steps,
     Value,
@@ -128,7 +130,14 @@ class PaxosLog:
       ``voters - majority`` log databases, so a voter missed only because it
       was slow is a loss of fault tolerance: this round is off the commit path
       (one per batch), and it ends as soon as every log database asked
-      answered, so it can afford to wait (known-dead ones are not asked).
+      answered, so it can afford to wait (known-dead ones are not asked);
+    - ``ballot0_to``: ``"majority"`` (default) sends the coordinator's ballot 0
+      to a majority of the transaction's voters only (a different majority
+      each time, spreading the load), and to the others only when those do
+      not all accept within ``hedge_after`` seconds — a durable write per
+      transaction less on the log databases; ``"all"`` sends it to every
+      voter and moves on with the first majority (steadier tail latency when
+      a log database stalls, at the cost of that write).
     """
 
     def __init__(
@@ -144,6 +153,8 @@ class PaxosLog:
         ahead: int = 64,
         ahead_max_age: float = 5.0,
         ahead_linger: float = 1.0,
+        ballot0_to: str = "majority",
+        hedge_after: float = 0.2,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -182,6 +193,18 @@ class PaxosLog:
         self.ahead = ahead
         self.ahead_max_age = ahead_max_age
         self.ahead_linger = ahead_linger
+        if ballot0_to not in ("majority", "all"):
+            raise ConfigError(
+                f"PaxosLog: ballot0_to must be 'majority' or 'all', not {ballot0_to!r}")
+        self.ballot0_to = ballot0_to
+        self.hedge_after = hedge_after
+        # Finished txids whose slots a log database still holds because the
+        # statement that deleted them elsewhere was not sent to it (ballot 0
+        # to a majority): they ride on its next statement. Bounded: recovery
+        # deletes what falls off (a returning database's stale slots).
+        self._owed: list[list[str]] = [[] for _ in self.links]
+        self._owed_lock = threading.Lock()
+        self._turn = 0
         # Registered ahead: (txid, voters, monotonic time the round was sent).
         self._ready: deque[tuple[str, Voters, float]] = deque()
         self._batch = 1  # next registration round's size: doubles while used up, see take()
@@ -423,12 +446,17 @@ class PaxosLog:
         with self._ahead_lock:
             leftover = [*self._unused, *(t for t, _, _ in self._ready)]
             self._unused, self._ready = [], deque()
-        if leftover:
-            try:
-                self.forget(leftover, keep_commit=True)
-            except Exception as e:  # recovery deletes them after its grace period
-                logger.warning("could not delete %d unused registrations: %s",
-                               len(leftover), redact(str(e)))
+        with self._owed_lock:  # finished: deleted wherever they are left
+            owed = sorted({t for ts in self._owed for t in ts})
+            self._owed = [[] for _ in self.links]
+        for txids, keep_commit, what in ((leftover, True, "unused registrations"),
+                                         (owed, False, "finished transactions' slots")):
+            if txids:
+                try:
+                    self.forget(txids, keep_commit=keep_commit)
+                except Exception as e:  # recovery deletes them (after its grace period)
+                    logger.warning("could not delete %d %s: %s", len(txids), what,
+                                   redact(str(e)))
         self._closed = True
         self.collector.close()
         for link in self.links:
@@ -451,24 +479,95 @@ class PaxosLog:
                     time.sleep(random.uniform(0.0, 0.02))  # let a dueling proposer finish
                     replies: dict[str, Reply] = {}
                 else:
-                    query = query_for(request, forget=forget if request.op == "accept" else ())
-                    forget = ()  # rides on the first accept only
-                    txid = request.txid
-
-                    def enough(answers: list[Answer], txid: str = txid) -> bool:
-                        return sum(1 for a in answers if a.incarnation in voters
-                                   and reply_of(a, txid).status == "ok") >= q
-
                     self._check_open()
-                    # Reads and promises wait a moment for every voter: a commit
-                    # accepted by one of them is then finished rather than aborted.
-                    linger = 0.0 if request.op == "accept" else self.linger
-                    replies = by_incarnation(
-                        run_round(self, query, enough=enough, linger=linger), txid)
+                    if request.op == "accept":
+                        replies = self._accept(request, voters, forget)
+                        forget = ()  # rides on the first accept only
+                    else:
+                        # Reads and promises wait a moment for every voter: a commit
+                        # accepted by one of them is then finished rather than aborted.
+                        replies = by_incarnation(run_round(
+                            self, query_for(request), enough=_oks(voters, request.txid, q),
+                            linger=self.linger), request.txid)
                 request = steps.send(replies)
         except StopIteration as stop:
             outcome: Outcome = stop.value
             return outcome
+
+    def _accept(self, request: Request, voters: Voters, forget: Sequence[str]
+                ) -> dict[str, Reply]:
+        """Phase 2: to every voter, or (ballot 0, ``ballot0_to="majority"``) to a
+        majority first and to the others only if that majority falls short."""
+        q = voters.quorum
+        now = time.monotonic()
+        ready = [k for k in self.links if k.incarnation in voters and not k.resting(now)]
+        if request.ballot != BALLOT0 or self.ballot0_to != "majority" or len(ready) <= q:
+            return self._accept_on(request, None, voters, forget, 0)[0]
+        turn = self._turn = (self._turn + 1) % len(ready)  # a race only skews the spread
+        first = (ready[turn:] + ready[:turn])[:q]
+        rest = [k for k in self.links if k not in first]
+        replies, oks = self._accept_on(request, first, voters, forget, 0,
+                                       timeout=self.hedge_after)
+        if oks >= q:
+            self._owe(rest, forget)
+            return replies
+        more, _ = self._accept_on(request, rest, voters, forget, oks)
+        for inc, reply in more.items():
+            replies.setdefault(inc, reply)
+        return replies
+
+    def _accept_on(
+        self, request: Request, only: list[AcceptorLink] | None, voters: Voters,
+        forget: Sequence[str], oks_before: int, *, timeout: float | None = None,
+    ) -> tuple[dict[str, Reply], int]:
+        """One accept round on ``only`` (None: every acceptor); its replies and oks.
+        What each asked log database is owed rides along, and is paid if it answers."""
+        asked = self.links if only is None else only
+        owed = self._take_owed(asked)
+        extra = sorted({t for ts in owed.values() for t in ts})
+        query = query_for(request, forget=[*forget, *extra])
+        need = voters.quorum - oks_before
+        results = run_round(self, query, enough=_oks(voters, request.txid, need),
+                            only=only, timeout=timeout)
+        answered = {id(link) for link, r in results if isinstance(r, Answer)}
+        unpaid = [k for k in asked if id(k) not in answered]
+        for link in unpaid:
+            self._owe([link], owed.get(id(link), []))
+        self._owe(unpaid, forget)
+        replies = by_incarnation(results, request.txid)
+        oks = sum(1 for inc, r in replies.items() if inc in voters and r.status == "ok")
+        return replies, oks
+
+    def _take_owed(self, links: Sequence[AcceptorLink]) -> dict[int, list[str]]:
+        with self._owed_lock:
+            out = {}
+            for link in links:
+                i = self.links.index(link)
+                if self._owed[i]:
+                    out[id(link)], self._owed[i] = self._owed[i], []
+            return out
+
+    def _owe(self, links: Sequence[AcceptorLink], txids: Sequence[str]) -> None:
+        if not txids:
+            return
+        with self._owed_lock:
+            for link in links:
+                owed = self._owed[self.links.index(link)]
+                owed += txids
+                if len(owed) > _MAX_OWED:  # a database long down: recovery cleans up
+                    del owed[: len(owed) - _MAX_OWED]
+
+
+#: Finished txids kept per log database for deletion on its next statement.
+_MAX_OWED = 10_000
+
+
+def _oks(voters: Voters, txid: str, need: int) -> Callable[[list[Answer]], bool]:
+    """A round's ``enough``: ``need`` voters of ``txid`` answered ok."""
+    def enough(answers: list[Answer]) -> bool:
+        return sum(1 for a in answers if a.incarnation in voters
+                   and reply_of(a, txid).status == "ok") >= need
+    return enough
 
 
 def _everyone(answers: list[Answer]) -> bool:

@@ -46,8 +46,10 @@ class Links(Protocol):
     def quorum(self) -> int: ...
 
 
-def checkout(log: Links, *, everyone: bool) -> list[tuple[AcceptorLink, psycopg.Connection[Any]]]:
-    """A connection to every acceptor worth asking now.
+def checkout(
+    log: Links, *, everyone: bool, only: Sequence[AcceptorLink] | None = None
+) -> list[tuple[AcceptorLink, psycopg.Connection[Any]]]:
+    """A connection to every acceptor worth asking now (among ``only``, if given).
 
     Resting acceptors are skipped, unless too few others are left (or
     ``everyone``): then they are probed. Healthy ones get a moment to hand out
@@ -59,7 +61,7 @@ def checkout(log: Links, *, everyone: bool) -> list[tuple[AcceptorLink, psycopg.
     everyone = everyone or sum(1 for k in log.links if not k.resting(now)) < log.quorum
     held: list[tuple[AcceptorLink, psycopg.Connection[Any]]] = []
     missing: list[AcceptorLink] = []
-    for link in log.links:
+    for link in log.links if only is None else only:
         if link.resting(now) and not everyone:
             continue
         conn = link.checkout(_QUICK if link.healthy else 0.001)
@@ -86,10 +88,10 @@ class Round:
 
     def __init__(
         self, log: Links, query: sql.Composable, enough: Callable[[list[Answer]], bool],
-        *, everyone: bool = False,
+        *, everyone: bool = False, only: Sequence[AcceptorLink] | None = None,
     ) -> None:
         self._log = log
-        self._held = checkout(log, everyone=everyone)
+        self._held = checkout(log, everyone=everyone, only=only)
         self._enough = enough
         self._parsed: dict[int, Answer | str] = {}
         composed: dict[str, bytes] = {}  # composing costs more than sending: once per encoding
@@ -158,12 +160,14 @@ def straggler_done(link: AcceptorLink, job: Job) -> None:
 
 def run_round(
     log: Links, query: sql.Composable, *, enough: Callable[[list[Answer]], bool],
-    linger: float = 0.0, everyone: bool = False,
+    linger: float = 0.0, everyone: bool = False, only: Sequence[AcceptorLink] | None = None,
+    timeout: float | None = None,
 ) -> list[Result]:
-    """Send ``query`` to the acceptors; return once ``enough`` answered (plus ``linger``)."""
-    batch = Round(log, query, enough, everyone=everyone)
+    """Send ``query`` to the acceptors (or those of ``only``); return once ``enough``
+    answered (plus ``linger``), or after ``timeout`` (default: the log's round timeout)."""
+    batch = Round(log, query, enough, everyone=everyone, only=only)
     unanswered = run_quorum(batch.jobs, enough=batch.enough, linger=linger,
-                            timeout=log.round_timeout)
+                            timeout=log.round_timeout if timeout is None else timeout)
     return batch.finish(unanswered)
 
 

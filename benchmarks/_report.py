@@ -103,7 +103,18 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in ("txmgr-log", "txmgr-inlog"):
         ratio(f"{name} p50 <= 1.1 x 2pc-par", (3, 1, name), (3, 1, "2pc-par"), 1.1,
               metric="p50_ms", at_most=True)
+    # Issue 7, Paxos mode: on the servers of txmgr-log (_servers.PAXOS_PLACEMENT).
+    for p in participant_counts:
+        ratio("txmgr-paxos tx/s >= 0.8 x txmgr-log", (p, 8, "txmgr-paxos"),
+              (p, 8, "txmgr-log"), 0.8)
+        for c in client_counts:
+            ratio("txmgr-paxos-1down tx/s >= 0.7 x txmgr-paxos", (p, c, "txmgr-paxos-1down"),
+                  (p, c, "txmgr-paxos"), 0.7)
     return out
+
+
+#: The ratios shown apart for Paxos mode (each configuration): this / that.
+PAXOS_PAIRS = (("txmgr-paxos", "txmgr-log"), ("txmgr-paxos-1down", "txmgr-paxos"))
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -136,12 +147,28 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def goals_text(goal_rows: list[dict[str, Any]]) -> str:
-    lines = ["goals (issue 6):"]
+    lines = ["goals (issues 6 and 7):"]
+    width = max((len(g["goal"]) for g in goal_rows), default=0)
     for g in goal_rows:
         verdict = "met" if g["met"] else "NOT met"
-        lines.append(f"  {g['goal']:<40} {g['participants']}p {g['clients']:>2}c: "
+        lines.append(f"  {g['goal']:<{width}} {g['participants']}p {g['clients']:>2}c: "
                      f"{g['value']:.3f} (target {g['target']})  {verdict}")
     return "\n".join(lines)
+
+
+def paxos_text(results: list[dict[str, Any]]) -> str:
+    """Paxos mode against the default mode, and with one log database down, per
+    configuration (empty when the run had no Paxos contender)."""
+    res = by_key(results)
+    lines = []
+    for p, c in sorted({(r["participants"], r["clients"]) for r in results}):
+        for name, versus in PAXOS_PAIRS:
+            a, b = res.get((p, c, name)), res.get((p, c, versus))
+            if a is None or b is None or not b["tps"] or not b["p50_ms"]:
+                continue
+            lines.append(f"  {p}p {c:>2}c  {name + ' / ' + versus:<34} "
+                         f"tx/s {a['tps'] / b['tps']:.2f}  p50 {a['p50_ms'] / b['p50_ms']:.2f}")
+    return "\n".join(["Paxos mode (this / that):", *lines]) if lines else ""
 
 
 def compare_text(new: list[dict[str, Any]], old_path: Path) -> str:

@@ -11,6 +11,7 @@ exactly one per committed transaction, which checks each contender's count.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,11 @@ def execute(dsn: str, query: Any, params: Any = None) -> list[tuple[Any, ...]]:
         return cur.fetchall() if cur.description is not None else []
 
 
-def create_schema(participant_dsns: list[str], log_dsn: str, accounts: int) -> None:
-    """(Re)create the benchmark tables; migrate the txmgr log into the log database
-    and into the first participant (for "log inside a participant")."""
+def create_schema(participant_dsns: list[str], log_dsn: str, accounts: int, *,
+                  acceptors: Sequence[str] = ()) -> None:
+    """(Re)create the benchmark tables; migrate the txmgr log into the log database,
+    into the first participant (for "log inside a participant") and into the Paxos
+    log databases ``acceptors``."""
     for dsn in participant_dsns:
         execute(dsn, f"DROP TABLE IF EXISTS {ACCOUNTS_TABLE}")
         execute(dsn, f"CREATE TABLE {ACCOUNTS_TABLE} (id int PRIMARY KEY, balance bigint NOT NULL)")
@@ -56,8 +59,8 @@ def create_schema(participant_dsns: list[str], log_dsn: str, accounts: int) -> N
     execute(log_dsn, f"DROP TABLE IF EXISTS {DECISION_TABLE}")
     execute(log_dsn, f"CREATE TABLE {DECISION_TABLE} (txid text PRIMARY KEY, "
                      "participants text[] NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
-    txmgr.migrate(log_dsn)
-    txmgr.migrate(participant_dsns[0])
+    for dsn in [log_dsn, participant_dsns[0], *acceptors]:
+        txmgr.migrate(dsn)
 
 
 @dataclass(frozen=True)

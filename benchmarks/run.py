@@ -1,15 +1,20 @@
-"""txmgr against the alternatives: the same accounts workload, committed six ways.
+"""txmgr against the alternatives: the same accounts workload, committed eight ways.
 
-    python3 benchmarks/run.py                       # the full run (about 6 minutes)
+    python3 benchmarks/run.py                       # the full run (about 8 minutes)
     python3 benchmarks/run.py --seconds 3 --clients 1 --participants 2 --json out.json
     python3 benchmarks/run.py --compare before.json # print this run against an earlier one
+    python3 benchmarks/run.py --clients 8 --participants 2 --seconds 20 \
+        --contenders txmgr-log,txmgr-paxos,txmgr-paxos-1down   # Paxos mode's cost
 
 It starts its own PostgreSQL servers (txmgr.testing.PgServer, fsync and
 full_page_writes on, so commits cost what they cost in production): one per
-participant and one for the dedicated log databases. ``--dsns``/``--log-dsn``
-use existing databases instead (it creates and drops its ``txmgr_bench_*``
-tables there and migrates the txmgr log tables into the log database and the
-first participant).
+participant and one for the dedicated log databases. Paxos mode's three log
+databases (``txmgr_bench_acc1..3``) go on the same servers: the first on the
+log server, the others on the first two participants' servers.
+``--dsns``/``--log-dsn`` use existing databases instead (it creates and drops
+its ``txmgr_bench_*`` tables there and migrates the txmgr log tables into the
+log database and the first participant), and ``--paxos-dsns`` three more for
+Paxos mode (migrated too; without it the Paxos contenders are left out).
 
 For every configuration (participants x clients) every contender runs for
 ``--seconds`` in total, split into ``--rounds`` slices taken in turn, so that
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import _report
+import _servers
 import _workload
 import psycopg
 from _contenders import Client, Contender, all_contenders
@@ -47,21 +53,36 @@ MAX_ERRORS = 100  # per client and slice
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     contenders = [c for c in all_contenders() if c.name in args.contenders]
+    skipped = {}
+    if args.dsns and not args.paxos_dsns:  # given servers, no Paxos log databases given
+        skipped = {c.name: "no --paxos-dsns given" for c in contenders if c.needs_acceptors}
+        contenders = [c for c in contenders if not c.needs_acceptors]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: with --dsns, Paxos mode needs three log "
+                  "databases, give them with --paxos-dsns", file=sys.stderr, flush=True)
     settings = {
         "seconds": args.seconds, "rounds": args.rounds, "clients": args.clients,
         "participants": args.participants, "contenders": [c.name for c in contenders],
+        "skipped": skipped,
         "accounts": args.accounts, "servers": "given" if args.dsns else "started",
     }
-    with _databases(args) as (dsns, log_dsn):
-        _workload.create_schema(dsns, log_dsn, args.accounts)
+    paxos = any(c.needs_acceptors for c in contenders)
+    if paxos:
+        settings["paxos_placement"] = (
+            "given (--paxos-dsns; txmgr-paxos-1down takes the first down)" if args.dsns
+            else _servers.PAXOS_PLACEMENT)
+    with _databases(args, paxos=paxos) as (dsns, log_dsn, acceptors):
+        _workload.create_schema(dsns, log_dsn, args.accounts, acceptors=acceptors)
         environment = _environment(dsns[0])
         results = []
         for p in args.participants:
             for c in args.clients:
                 print(f"-- {p} participants, {c} clients", file=sys.stderr, flush=True)
-                results += _configuration(contenders, dsns[:p], log_dsn, c, args)
+                results += _configuration(contenders, dsns[:p], log_dsn, acceptors, c, args)
     summaries = [r.summary() for r in results]
     print(_report.table(summaries))
+    if paxos_lines := _report.paxos_text(summaries):
+        print(paxos_lines + "\n")
     doc = _report.document(summaries, settings, environment)
     print(_report.goals_text(doc["goals"]))
     if args.compare:
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     names = [c.name for c in all_contenders()]
+    paxos_names = {c.name for c in all_contenders() if c.needs_acceptors}
 
     def ints(text: str) -> list[int]:
         try:
@@ -105,14 +127,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=ints, default=[1, 8], help="client threads (default 1,8)")
     ap.add_argument("--participants", type=ints, default=[2, 3],
                     help="participant counts (default 2,3)")
-    ap.add_argument("--contenders", type=contender_list, default=names,
-                    help=f"comma-separated subset of {','.join(names)}")
+    ap.add_argument("--contenders", type=contender_list,
+                    help=f"comma-separated subset of {','.join(names)} (default: all)")
     ap.add_argument("--accounts", type=int, default=10_000, help="accounts per participant")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     ap.add_argument("--compare", type=Path, help="an earlier --json file to compare with")
     ap.add_argument("--dsns", help="comma-separated participant DSNs to use instead of "
                                    "starting servers (as many as the largest --participants)")
     ap.add_argument("--log-dsn", help="with --dsns: the database for the dedicated logs")
+    ap.add_argument("--paxos-dsns",
+                    help="with --dsns: three comma-separated databases for Paxos mode's log, "
+                         "the first on the log server (txmgr-paxos-1down takes it down); "
+                         "without it the Paxos contenders are skipped")
     args = ap.parse_args(argv)
     if args.dsns:
         args.dsns = [d.strip() for d in args.dsns.split(",") if d.strip()]
@@ -121,31 +147,37 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                      f"{max(args.participants)}")
         if not args.log_dsn:
             ap.error("--dsns needs --log-dsn too")
-    elif args.log_dsn:
-        ap.error("--log-dsn goes with --dsns")
+        if args.paxos_dsns:
+            args.paxos_dsns = [d.strip() for d in args.paxos_dsns.split(",") if d.strip()]
+            if len(args.paxos_dsns) != 3:
+                ap.error(f"--paxos-dsns takes 3 DSNs, not {len(args.paxos_dsns)}")
+        elif args.contenders is not None and set(args.contenders) & paxos_names:
+            ap.error(f"{', '.join(sorted(set(args.contenders) & paxos_names))}: Paxos mode "
+                     "needs --paxos-dsns (three log databases) with --dsns")
+    elif args.log_dsn or args.paxos_dsns:
+        ap.error("--log-dsn and --paxos-dsns go with --dsns")
     if args.rounds < 1 or args.seconds <= 0:
         ap.error("--rounds and --seconds must be positive")
+    if args.contenders is None:
+        args.contenders = names
     return args
 
 
 @contextlib.contextmanager
-def _databases(args: argparse.Namespace) -> Iterator[tuple[list[str], str]]:
-    """Participant DSNs and the log DSN: given, or on servers started (and destroyed) here."""
+def _databases(
+    args: argparse.Namespace, *, paxos: bool
+) -> Iterator[tuple[list[str], str, list[str]]]:
+    """Participant DSNs, the log DSN and the Paxos log DSNs (none unless ``paxos``):
+    given, or on servers started (and destroyed) here."""
     if args.dsns:
-        yield args.dsns, args.log_dsn
+        yield args.dsns, args.log_dsn, (args.paxos_dsns or []) if paxos else []
         return
-    from txmgr.testing import PgServer
-
-    production = {"fsync": "on", "full_page_writes": "on"}
-    with contextlib.ExitStack() as stack:
-        servers = []
-        for _ in range(max(args.participants) + 1):  # one per participant, one for the logs
-            servers.append(stack.enter_context(PgServer(settings=production)))
-        dsns = [s.create_database(f"p{i}") for i, s in enumerate(servers[:-1])]
-        yield dsns, servers[-1].create_database("txlog")
+    with _servers.started(max(args.participants), paxos=paxos) as dbs:
+        yield dbs.participants, dbs.log, dbs.acceptors
 
 
-def _configuration(contenders: list[Contender], dsns: list[str], log_dsn: str, clients: int,
+def _configuration(contenders: list[Contender], dsns: list[str], log_dsn: str,
+                   acceptors: list[str], clients: int,
                    args: argparse.Namespace) -> list[_report.Result]:
     names = _workload.participant_names(len(dsns))
     named = dict(zip(names, dsns, strict=True))
@@ -153,8 +185,9 @@ def _configuration(contenders: list[Contender], dsns: list[str], log_dsn: str, c
     opened: dict[str, list[Client]] = {}
     try:
         for c in contenders:
-            opened[c.name] = c.open(named, log_dsn, clients)
-        for dsn in [*dsns, log_dsn]:
+            opened[c.name] = c.open(named, log_dsn, clients,
+                                    acceptors=acceptors if c.needs_acceptors else ())
+        for dsn in [*dsns, log_dsn, *acceptors]:
             _workload.execute(dsn, "CHECKPOINT")  # no checkpoint's full-page writes mid-run
         for r in range(args.rounds):
             order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
@@ -166,6 +199,7 @@ def _configuration(contenders: list[Contender], dsns: list[str], log_dsn: str, c
                 after = _workload.Snapshot.take(dsns)
                 results[c.name].committed_total += done
                 results[c.name].problems += _workload.check(before, after, done)
+                results[c.name].problems += c.check(done)
     finally:
         for c in contenders:
             c.close()

@@ -626,11 +626,19 @@ def test_take_with_one_log_database_down_and_two(
     proxy = proxy_for(acceptor_dsns[2])
     try:
         dsns = [acceptor_dsns[0], acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])]
-        log = open_log(logs, dsns, linger=0.05)
+        log = open_log(logs, dsns, linger=0.05, ballot0_to="majority")
         proxy.stop()
         t, voters = log.take()
         assert len(voters) == 2 and voters.quorum == 2
         assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+        done = [t]
+        for _ in range(5):
+            t, voters = log.take()
+            assert log.propose_commit(t, voters, ["orders", "billing"], forget=done).commits
+            done = [t]
+        # The deletions the dead database misses wait for it, and only for it:
+        # they do not ride along to the others on every statement.
+        assert [len(owed) for owed in log._owed] == [0, 0, 5]
     finally:
         proxy.stop()
     with psycopg.connect(acceptor_dsns[1], autocommit=True) as conn:

@@ -539,11 +539,14 @@ class PaxosLog:
         return replies, oks
 
     def _take_owed(self, links: Sequence[AcceptorLink]) -> dict[int, list[str]]:
+        """What the healthy ones of ``links`` are owed (a database that is down
+        keeps its debt until it answers again: sending it along to the others
+        every time would only cost them)."""
         with self._owed_lock:
             out = {}
             for link in links:
                 i = self.links.index(link)
-                if self._owed[i]:
+                if self._owed[i] and link.healthy:
                     out[id(link)], self._owed[i] = self._owed[i], []
             return out
 

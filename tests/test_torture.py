@@ -1,8 +1,9 @@
 """The bank torture test (txmgr.torture), its nemesis schedule and its checker.
 
 The torture runs are marked ``soak``: a CI version by default (60 s of faults
-with a dedicated log, 30 s with the log inside a participant), 10 and 5
-minutes with ``TXMGR_SOAK=1``. The seed is random unless
+with a dedicated log, 30 s with the log inside a participant, 30 s in Paxos
+mode — which goes on until every one of its 17 kinds hit something, about 40
+s), 10, 5 and 5 minutes with ``TXMGR_SOAK=1``. The seed is random unless
 ``TXMGR_TORTURE_SEED`` is set; a failure prints it, and the same seed
 replays the same fault schedule.
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
 from itertools import islice
 from pathlib import Path
+from typing import Literal
 
 import psycopg
 import pytest
@@ -24,9 +27,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
 from support import START, MakeBank, query
+from txmgr.paxos._acceptor import PREPARE_ALL, STATEMENTS, accept_query, register_query
+from txmgr.paxos._core import Value
 from txmgr.testing import Server
 from txmgr.testing.pytest_plugin import MakeDatabase
-from txmgr.torture import KINDS, TortureOptions, run_torture, schedule
+from txmgr.torture import KINDS, PAXOS_KINDS, TortureOptions, run_torture, schedule
+from txmgr.torture._acceptors import AcceptorSamples, read_accepted
 from txmgr.torture._checker import (
     BankState,
     Leftovers,
@@ -37,7 +43,10 @@ from txmgr.torture._checker import (
     read_log_text,
     scan_for_secret,
 )
-from txmgr.torture._records import Records, RecordWriter, read_records
+from txmgr.torture._nemesis import Fault
+from txmgr.torture._paxos_faults import MAX_DOWN, LogOutages
+from txmgr.torture._records import Records, RecordWriter, Voters, read_records
+from txmgr.torture._rules import ACCEPT_PATTERN, ACCEPT_STATEMENT
 from txmgr.torture._workload import START_BALANCE, create_schema
 
 LONG = os.environ.get("TXMGR_SOAK", "") == "1"
@@ -52,17 +61,54 @@ def test_a_seed_replays_the_same_schedule() -> None:
     assert first != list(islice(schedule(8), 100))
 
 
-def test_every_round_of_the_schedule_has_every_kind() -> None:
-    faults = list(islice(schedule(random.randrange(1 << 30)), 3 * len(KINDS)))
+@pytest.mark.parametrize("kinds", [KINDS, PAXOS_KINDS], ids=["single log", "paxos"])
+def test_every_round_of_the_schedule_has_every_kind(kinds: tuple[str, ...]) -> None:
+    faults = list(islice(schedule(random.randrange(1 << 30), kinds), 3 * len(kinds)))
     for r in range(3):
-        round_ = faults[r * len(KINDS):(r + 1) * len(KINDS)]
-        assert sorted(f.kind for f in round_) == sorted(KINDS)
+        round_ = faults[r * len(kinds):(r + 1) * len(kinds)]
+        assert sorted(f.kind for f in round_) == sorted(kinds)
     assert [f.number for f in faults] == list(range(len(faults)))
 
 
 def test_schedule_refuses_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="unknown fault kinds"):
         next(schedule(1, ["kill_client", "flood"]))
+
+
+def test_options_take_the_fault_kinds_of_their_log_mode() -> None:
+    assert TortureOptions().kinds == KINDS
+    assert TortureOptions(log="paxos").kinds == PAXOS_KINDS
+    assert set(KINDS) < set(PAXOS_KINDS)  # every kind stays; the log ones pick a database
+    with pytest.raises(ValueError, match=r"\['wipe_log'\] do not apply with log='dedicated'"):
+        TortureOptions(kinds=("kill_client", "wipe_log"))
+
+
+def test_log_outages_never_take_more_than_two_of_three_down() -> None:
+    outages = LogOutages(3)
+
+    def fault(target: int) -> Fault:
+        return Fault(number=0, gap=0.0, kind="two_logs_down", target=target, variant=0,
+                     seconds=1.0)
+
+    assert outages.choose(fault(4), 2) == [1, 2]  # from the draw on, round the ring
+    assert outages.choose(fault(0), 3) is None
+    outages.down[1] = "stopped"
+    assert outages.choose(fault(1), 1) == [2]  # the draw's target is down: the next one
+    assert outages.choose(fault(1), 2) is None  # that would make three
+    outages.down[2] = "isolated"
+    assert len(outages.down) == MAX_DOWN
+    assert outages.choose(fault(0), 1) is None
+
+
+def test_the_accept_pattern_matches_the_acceptors_accept_only() -> None:
+    # The nemesis loses phase-2 statements by their name: it must still be theirs.
+    assert ACCEPT_STATEMENT in STATEMENTS
+    txid = "0123456789abcdef"
+    accept = accept_query(txid, 0, Value.commit(["bank1", "bank2"])).as_string(None)
+    assert re.search(ACCEPT_PATTERN, accept, re.IGNORECASE)
+    # Not the statements every session prepares first, nor a registration.
+    assert not re.search(ACCEPT_PATTERN, PREPARE_ALL.decode(), re.IGNORECASE)
+    assert not re.search(ACCEPT_PATTERN, register_query(txid).as_string(None), re.IGNORECASE)
 
 
 # -- the checker ---------------------------------------------------------------------
@@ -86,12 +132,18 @@ def test_records_parse_outcomes_and_cut_short_attempts(tmp_path: Path) -> None:
         ("A", "t3", "ef"), ("U", "t3", "OutcomeUnknown"),
         ("A", "t4", "01"),  # killed before its outcome
         ("F", "before_decision", "raise"),
+        ("A", "t5", "02"), ("K", "t5", "txid=00000000000000f5", f"voters=2:{'a' * 12},{'b' * 12}"),
+        ("A", "t6", "03"), ("X", "t6", "TransactionAborted", "txid=00000000000000f6",
+                            "cause=LogQuorumUnavailable"),
     ])  # fmt: skip
-    assert recs.attempted == {"t1", "t2", "t3", "t4"}
-    assert recs.acked == {"t1"}  # the torn line is not taken
-    assert recs.aborted == {"t2": "TransactionAborted"}
+    assert recs.attempted == {"t1", "t2", "t3", "t4", "t5", "t6"}
+    assert recs.acked == {"t1", "t5"}  # the torn line is not taken
+    assert recs.aborted == {"t2": "TransactionAborted", "t6": "TransactionAborted"}
     assert recs.unknown == {"t3": "OutcomeUnknown", "t4": "cut short"}
     assert recs.failpoints == {"before_decision=raise": 1}
+    assert recs.txids == {"t5": "00000000000000f5", "t6": "00000000000000f6"}
+    assert recs.voters == {"t5": Voters(2, frozenset({"a" * 12, "b" * 12}))}
+    assert recs.causes == {"TransactionAborted<-LogQuorumUnavailable": 1}
 
 
 def test_checker_judges_money_and_ledger_without_databases() -> None:
@@ -190,6 +242,84 @@ def test_checker_reports_each_planted_violation(
     query(dsns["bank2"], "ROLLBACK PREPARED 'torture_planted'")
 
 
+def _accepted(log: str, txid: str, ballot: int, value: str, parts: list[str] | None) -> None:
+    """Plant a slot holding (ballot, value) in a log database, as an acceptor would."""
+    query(log, "INSERT INTO txmgr_paxos (txid, promised, accepted_ballot, accepted_value, "
+               "participants) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (txid) DO UPDATE SET "
+               "promised = excluded.promised, accepted_ballot = excluded.accepted_ballot, "
+               "accepted_value = excluded.accepted_value, participants = excluded.participants",
+          (txid, ballot, ballot, value, parts))
+
+
+def test_checker_reports_planted_paxos_violations(
+    make_database: MakeDatabase, pg_servers: list[Server], tmp_path: Path
+) -> None:
+    dsns, _ = _bank(make_database, pg_servers)
+    logs = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
+    for log in logs:
+        txmgr.migrate(log)
+    incs = [str(query(log, "SELECT incarnation FROM txmgr_paxos_acceptor")[0][0])
+            for log in logs]
+    secret = "tpw" + secrets.token_hex(12)
+    three = Voters(2, frozenset(incs))
+    two = Voters(2, frozenset(incs[:2]))  # registered while log 2 did not answer
+    txid = {t: f"{n:016x}" for n, t in enumerate(("t1", "t2", "t3", "t4", "t5"), start=1)}
+    recs = Records(attempted=set(txid), acked={"t1"}, txids=dict(txid),
+                   voters={"t1": three, "t2": three, "t3": three, "t4": three, "t5": two})
+    recs.unknown = {"t2": "OutcomeUnknown", "t3": "cut short", "t4": "OutcomeUnknown",
+                    "t5": "OutcomeUnknown"}
+    _move(dsns, "t1", {"bank1": (1, -10), "bank2": (2, 10)})  # committed
+    _move(dsns, "t3", {"bank1": (2, -3), "bank2": (3, 3)})  # committed
+    both = ["bank1", "bank2"]
+    samples = AcceptorSamples()
+
+    def sample() -> None:
+        for log in logs:
+            read_accepted(log, samples)
+
+    def verdict() -> txmgr.torture.CheckReport:
+        left = read_leftovers({}, logs)
+        scan = scan_for_secret(secret, [], {"log tables": read_log_text(logs)})
+        return check(read_bank(dsns), recs, left, scan, accounts=3,
+                     start_balance=START_BALANCE, samples=samples)
+
+    # Clean: t1's voters chose commit and it is committed; t5's commit was accepted by
+    # one voter and by log 2, which is not its voter: nothing chosen, nothing to judge.
+    _accepted(logs[0], txid["t1"], 0, "commit", both)
+    _accepted(logs[1], txid["t1"], 0, "commit", both)
+    _accepted(logs[0], txid["t5"], 0, "commit", both)
+    _accepted(logs[2], txid["t5"], 0, "commit", both)
+    sample()
+    before = verdict()
+    assert before.violations == []
+    assert before.decisions_seen == {"commit": 1}
+    assert sorted(before.leftovers.slots) == sorted(
+        [f"log0/{txid['t1']}", f"log1/{txid['t1']}", f"log0/{txid['t5']}",
+         f"log2/{txid['t5']}"])
+    assert not before.ok  # slots left over
+
+    # Now: commit chosen for t2 (no rows), abort chosen for t3 (committed), and for
+    # t4 commit then abort (both chosen), and the password in an acceptor table.
+    for log in logs[:2]:
+        _accepted(log, txid["t2"], 0, "commit", both)
+        _accepted(log, txid["t4"], 0, "commit", both)
+    _accepted(logs[1], txid["t3"], 5 << 32, "abort", None)
+    _accepted(logs[2], txid["t3"], 5 << 32, "abort", None)
+    sample()
+    for log in logs[1:]:
+        _accepted(log, txid["t4"], 7 << 32, "abort", None)
+    _accepted(logs[2], "00000000000000aa", 0, "commit", [secret])
+    sample()
+    after = verdict()
+    assert after.violation_counts() == {"decision": 3, "secret": 1}, after.violations
+    details = " ".join(v.detail for v in after.violations if v.kind == "decision")
+    assert "transfer t2" in details and "transfer t3" in details and "transfer t4" in details
+    assert "both commit and abort" in details
+    assert after.decisions_seen == {"commit": 3, "abort": 2}
+    assert "log2/00000000000000aa" in after.leftovers.slots
+    assert after.scan.hits == ["log tables"]
+
+
 # -- the torture ---------------------------------------------------------------------
 
 
@@ -210,16 +340,19 @@ def own_servers() -> None:
 @pytest.mark.timeout(1800 if LONG else 600)
 @pytest.mark.parametrize(
     ("log", "participants", "seconds"),
-    [("dedicated", 2, 600 if LONG else 60), ("participant", 3, 300 if LONG else 30)],
+    [("dedicated", 2, 600 if LONG else 60), ("participant", 3, 300 if LONG else 30),
+     ("paxos", 2, 300 if LONG else 30)],
 )
-def test_torture(own_servers: None, log: str, participants: int, seconds: float) -> None:
+def test_torture(
+    own_servers: None, log: Literal["dedicated", "participant", "paxos"], participants: int,
+    seconds: float,
+) -> None:
     seed = _seed()
     # No tmp_path: other pytest sessions on the machine may prune it mid-run. The
     # run's own temporary directory is removed after a clean run, kept (and
     # named in the report) otherwise.
     report = run_torture(
-        TortureOptions(seconds=seconds, seed=seed, participants=participants,
-                       log="participant" if log == "participant" else "dedicated",
+        TortureOptions(seconds=seconds, seed=seed, participants=participants, log=log,
                        clients=4),
         echo=print,
     )
@@ -229,12 +362,17 @@ def test_torture(own_servers: None, log: str, participants: int, seconds: float)
     assert report.check.violations == [], text
     assert report.check.leftovers.count == 0, text
     assert report.harness_errors == [], text
-    assert {k: report.effective[k] for k in KINDS if not report.effective[k]} == {}, text
+    kinds = PAXOS_KINDS if log == "paxos" else KINDS
+    assert report.options.kinds == kinds
+    assert {k: report.injected[k] for k in kinds if not report.injected[k]} == {}, text
+    assert {k: report.effective[k] for k in kinds if not report.effective[k]} == {}, text
     # the workload really ran, and the faults really hurt
     assert report.check.committed > 100, text
     assert report.check.acked <= report.check.committed, text
     assert report.check.errors.get("TransactionAborted", 0) > 0, text
     assert report.check.scan.files > report.options.clients, text
+    if log == "paxos":
+        assert report.acceptor_reads > 0, text  # the acceptor tables were sampled
     assert report.ok
 
 

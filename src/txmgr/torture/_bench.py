@@ -5,11 +5,18 @@ Every server gets a login role whose password is the run's secret marker;
 the clients and daemons connect as that role through the proxies (the
 participants with URL DSNs, a dedicated log with a key/value DSN, so both
 forms are masked), the checker connects as it directly.
+
+In Paxos mode the decision log is three databases, each on a server of its
+own behind a proxy of its own (:class:`~txmgr.torture._logdbs.LogDatabase`),
+migrated by ``txmgr migrate --config`` with the daemons' configuration; the
+first is named by a key/value DSN, the others by URLs.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,9 +29,11 @@ from psycopg.conninfo import make_conninfo
 
 from txmgr._migrate import migrate
 from txmgr.config import Config
+from txmgr.paxos import PaxosLog
 from txmgr.testing import PgServer
 from txmgr.testing.proxy import FaultProxy
 from txmgr.torture._client import ClientSpec
+from txmgr.torture._logdbs import LogDatabase
 from txmgr.torture._report import TortureOptions
 from txmgr.torture._workload import create_role, create_schema
 
@@ -33,21 +42,23 @@ __all__ = ["Bench", "build_bench"]
 ROLE = "torture"
 BANK_DB = "bank"
 LOG_DB = "txlog"
+PAXOS_LOG_DATABASES = 3
 
 
 @dataclass
 class Bench:
     names: list[str]  # participant names, bank1 …
-    servers: list[PgServer]  # the participants' servers, then a dedicated log's
-    log_server: PgServer
+    servers: list[PgServer]  # the participants' servers, then the log's (1, or 3: Paxos)
+    log_servers: list[PgServer]  # the log's servers (a participant's with the log inside)
     proxies: list[FaultProxy]  # one per server, same order
-    log_proxy: FaultProxy
+    log_proxies: list[FaultProxy]  # the proxies in front of the log databases
     direct: dict[str, str]  # participant -> DSN, no proxy
-    log_direct: str  # the log database's DSN, no proxy
-    direct_config: Config  # for the final recovery
+    log_directs: list[str]  # the log databases' DSNs, no proxy
     client_spec: Path
     daemon_config: Path
-    dedicated: bool
+    mode: str  # TortureOptions.log
+    log_idle_timeout: float
+    paxos: list[LogDatabase]  # Paxos mode: the log databases; else empty
 
     @property
     def bank_servers(self) -> list[PgServer]:
@@ -57,8 +68,19 @@ class Bench:
     def prepare_proxies(self) -> list[FaultProxy]:
         # The log participant's own branch commits in one phase: it never sees
         # a PREPARE TRANSACTION or a COMMIT PREPARED.
-        start = 0 if self.dedicated else 1
+        start = 1 if self.mode == "participant" else 0
         return self.proxies[start: len(self.names)]
+
+    def direct_config(self) -> Config:
+        """The configuration of the final recovery: no proxy. In Paxos mode, close
+        its ``paxos_log`` when done."""
+        log: str | PaxosLog
+        if self.mode == "paxos":
+            log = PaxosLog(self.log_directs, connect_timeout=5)
+        else:
+            log = self.log_directs[0] if self.mode == "dedicated" else self.names[0]
+        return Config(participants=self.direct, log=log, connect_timeout=5,
+                      log_idle_timeout=self.log_idle_timeout)
 
     def server_dsns(self, secret: str) -> dict[str, str]:
         """A DSN per server (any database will do for pg_prepared_xacts)."""
@@ -81,9 +103,15 @@ def _create_database(server: PgServer, name: str) -> None:
         sql.Identifier(name), sql.Identifier(ROLE)))
 
 
-def _url(port: int, password: str, dbname: str, options: str) -> str:
+def _url(port: int, password: str, dbname: str, options: str = "") -> str:
+    query = f"options={quote(options, safe='')}&" if options else ""
     return (f"postgresql://{ROLE}:{quote(password, safe='')}@127.0.0.1:{port}/{dbname}"
-            f"?options={quote(options, safe='')}&application_name=torture")
+            f"?{query}application_name=torture")
+
+
+def _kv(port: int, password: str, dbname: str) -> str:
+    return make_conninfo("", host="127.0.0.1", port=port, user=ROLE, password=password,
+                         dbname=dbname)
 
 
 def _toml(config: Mapping[str, Mapping[str, object]]) -> str:
@@ -94,12 +122,25 @@ def _toml(config: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _cli_migrate(config: Path, out: Path) -> None:
+    """``txmgr migrate --config``: every Paxos log database, through its proxy (the
+    output joins the logs the secret scan reads)."""
+    with out.open("wb") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "txmgr.cli", "migrate", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+            check=False,
+        )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"txmgr migrate failed (exit {done.returncode}): see {out}")
+
+
 def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: ExitStack) -> Bench:
     """Start and fill everything; ``stack`` destroys it again."""
     names = [f"bank{i + 1}" for i in range(options.participants)]
-    dedicated = options.log == "dedicated"
-    servers = _start_servers(len(names) + (1 if dedicated else 0), stack)
-    log_server = servers[-1] if dedicated else servers[0]
+    logs = {"dedicated": 1, "participant": 0, "paxos": PAXOS_LOG_DATABASES}[options.log]
+    servers = _start_servers(len(names) + logs, stack)
+    log_servers = servers[len(names):] or servers[:1]
     for server in servers:
         create_role(server.admin_dsn, ROLE, secret)
     direct: dict[str, str] = {}
@@ -107,21 +148,33 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
         _create_database(server, BANK_DB)
         direct[name] = server.dsn(BANK_DB, user=ROLE, password=secret)
         create_schema(direct[name], options.accounts)
-    if dedicated:
-        _create_database(log_server, LOG_DB)
-        log_direct = log_server.dsn(LOG_DB, user=ROLE, password=secret)
+    if logs:
+        for server in log_servers:
+            _create_database(server, LOG_DB)
+        log_directs = [s.dsn(LOG_DB, user=ROLE, password=secret) for s in log_servers]
     else:
-        log_direct = direct[names[0]]
-    migrate(log_direct)
+        log_directs = [direct[names[0]]]
+    if options.log != "paxos":
+        migrate(log_directs[0])
 
     proxies = [stack.enter_context(FaultProxy("127.0.0.1", s.port)) for s in servers]
-    log_proxy = proxies[-1] if dedicated else proxies[0]
+    log_proxies = proxies[len(names):] or proxies[:1]
     pg_options = f"-c lock_timeout={options.lock_timeout_ms}"
     via_proxy = {name: _url(proxies[i].port, secret, BANK_DB, pg_options)
                  for i, name in enumerate(names)}
-    log_setting = make_conninfo(
-        "", host="127.0.0.1", port=log_proxy.port, user=ROLE, password=secret, dbname=LOG_DB,
-    ) if dedicated else names[0]  # fmt: skip
+    log_setting: str | list[str]
+    log_table: dict[str, object]
+    if options.log == "paxos":
+        log_setting = [_kv(p.port, secret, LOG_DB) if i == 0 else _url(p.port, secret, LOG_DB)
+                       for i, p in enumerate(log_proxies)]
+        log_table = {"mode": "paxos", "dsns": log_setting,
+                     "idle_timeout": options.log_idle_timeout}
+    elif options.log == "dedicated":
+        log_setting = _kv(log_proxies[0].port, secret, LOG_DB)
+        log_table = {"dsn": log_setting, "idle_timeout": options.log_idle_timeout}
+    else:
+        log_setting = names[0]
+        log_table = {"participant": log_setting}
     spec: ClientSpec = {
         "participants": via_proxy, "log": log_setting, "accounts": options.accounts,
         "log_idle_timeout": options.log_idle_timeout, "connect_timeout": 3.0,
@@ -130,23 +183,27 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     client_spec.write_text(json.dumps(spec))
     daemon_config = workdir / "daemon.toml"
     daemon_config.write_text(_toml({
-        "log": {"dsn": log_setting, "idle_timeout": options.log_idle_timeout}
-        if dedicated else {"participant": log_setting},
+        "log": log_table,
         "participants": via_proxy,
         "pool": {"connect_timeout": 3},
         "recovery": {"interval": options.daemon_interval},
     }))  # fmt: skip
+    if options.log == "paxos":
+        _cli_migrate(daemon_config, workdir / "logs" / "cli-migrate.log")
+    paxos = [LogDatabase(i, server, proxy, LOG_DB, ROLE, dsn) for i, (server, proxy, dsn)
+             in enumerate(zip(log_servers, log_proxies, log_directs, strict=True))
+             ] if options.log == "paxos" else []
     return Bench(
         names=names,
         servers=servers,
-        log_server=log_server,
+        log_servers=log_servers,
         proxies=proxies,
-        log_proxy=log_proxy,
+        log_proxies=log_proxies,
         direct=direct,
-        log_direct=log_direct,
-        direct_config=Config(participants=direct, log=log_direct if dedicated else names[0],
-                             connect_timeout=5),
+        log_directs=log_directs,
         client_spec=client_spec,
         daemon_config=daemon_config,
-        dedicated=dedicated,
+        mode=options.log,
+        log_idle_timeout=options.log_idle_timeout,
+        paxos=paxos,
     )

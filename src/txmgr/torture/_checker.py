@@ -9,8 +9,12 @@
   a transfer nobody attempted;
 - **errors**: ``commit()`` raised nothing but ``TransactionAborted`` (then
   nothing may be committed) or ``OutcomeUnknown``;
-- **leftovers**: no prepared transaction on any server, no decision row;
-- **secrets**: the DSN password appears in no scanned file or log table.
+- **leftovers**: no prepared transaction on any server, no decision row, and
+  in Paxos mode no transaction slot on any log database;
+- **decisions** (Paxos mode): no transfer's state contradicts a value its
+  voters were seen choosing (:mod:`txmgr.torture._acceptors`);
+- **secrets**: the DSN password appears in no scanned file or log table
+  (sampled during the run too, acceptor tables included).
 
 Reading the state (:func:`read_bank`, :func:`read_leftovers`,
 :func:`read_log_text`, :func:`scan_for_secret`) is apart from judging it
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from txmgr.torture._acceptors import AcceptorSamples, judge_decisions, read_accepted
 from txmgr.torture._records import Records
 
 __all__ = [
@@ -58,7 +63,7 @@ KNOWN_ISSUES: dict[str, str] = {}
 @dataclass(frozen=True, slots=True)
 class Violation:
     # money, negative, ledger, atomicity, durability, aborted_committed, phantom,
-    # untyped_error, secret
+    # untyped_error, decision, secret
     kind: str
     detail: str
 
@@ -75,10 +80,11 @@ class BankState:
 class Leftovers:
     prepared: list[str] = field(default_factory=list)  # "server/database/gid"
     decisions: list[str] = field(default_factory=list)  # txids of decision rows
+    slots: list[str] = field(default_factory=list)  # Paxos: "log<i>/<txid>"
 
     @property
     def count(self) -> int:
-        return len(self.prepared) + len(self.decisions)
+        return len(self.prepared) + len(self.decisions) + len(self.slots)
 
 
 @dataclass
@@ -103,6 +109,8 @@ class CheckReport:
     scan: SecretScan
     errors: dict[str, int] = field(default_factory=dict)  # error type -> transfers it ended
     known_issues: dict[str, int] = field(default_factory=dict)  # see KNOWN_ISSUES
+    causes: dict[str, int] = field(default_factory=dict)  # "error<-cause" -> transfers
+    decisions_seen: dict[str, int] = field(default_factory=dict)  # Paxos: chosen, by value
 
     @property
     def ok(self) -> bool:
@@ -124,11 +132,14 @@ class CheckReport:
             "violations": self.violation_counts(),
             "violation_examples": dict(shown),
             "leftovers": {"prepared": self.leftovers.prepared,
-                          "decision_rows": self.leftovers.decisions},
+                          "decision_rows": self.leftovers.decisions,
+                          "paxos_slots": self.leftovers.slots},
             "transfers": {"attempted": self.attempted, "acked": self.acked,
                           "aborted": self.aborted, "unknown": self.unknown,
                           "unknown_committed": self.unknown_committed,
-                          "committed": self.committed, "errors": self.errors},
+                          "committed": self.committed, "errors": self.errors,
+                          "causes": self.causes},
+            "paxos_decisions_seen": self.decisions_seen,
             "known_issues": self.known_issues,
             "secret_scan": {"files": self.scan.files, "bytes": self.scan.bytes,
                             "hits": self.scan.hits},
@@ -138,9 +149,13 @@ class CheckReport:
 # -- reading ------------------------------------------------------------------
 
 
-def _rows(dsn: str, query: str | sql.Composed) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        return conn.execute(query.encode() if isinstance(query, str) else query).fetchall()
+def _rows(target: str | psycopg.Connection[Any], query: str | sql.Composed
+          ) -> list[tuple[Any, ...]]:
+    """The rows of one statement, on an autocommit connection or a new one to a DSN."""
+    if isinstance(target, str):
+        with psycopg.connect(target, autocommit=True, connect_timeout=10) as conn:
+            return _rows(conn, query)
+    return target.execute(query.encode() if isinstance(query, str) else query).fetchall()
 
 
 def read_bank(dsns: Mapping[str, str]) -> BankState:
@@ -155,38 +170,78 @@ def read_bank(dsns: Mapping[str, str]) -> BankState:
     return BankState(balances, ledger)
 
 
-def read_leftovers(server_dsns: Mapping[str, str], log_dsn: str) -> Leftovers:
-    """Every prepared transaction on every server (any database), and the decision rows."""
+def _log_dsns(log_dsns: str | Sequence[str]) -> list[str]:
+    return [log_dsns] if isinstance(log_dsns, str) else list(log_dsns)
+
+
+def read_leftovers(server_dsns: Mapping[str, str], log_dsns: str | Sequence[str]) -> Leftovers:
+    """Every prepared transaction on every server (any database), the decision rows
+    of every log database, and (Paxos mode) their transaction slots."""
     left = Leftovers()
     for server, dsn in server_dsns.items():
         for db, gid in _rows(dsn, "SELECT database, gid FROM pg_prepared_xacts ORDER BY 1, 2"):
             left.prepared.append(f"{server}/{db}/{gid}")
-    left.decisions = [str(r[0]) for r in _rows(log_dsn, "SELECT txid FROM txmgr_decision")]
+    for i, dsn in enumerate(_log_dsns(log_dsns)):
+        left.decisions += [str(r[0]) for r in _rows(dsn, "SELECT txid FROM txmgr_decision")]
+        if _rows(dsn, "SELECT to_regclass('txmgr_paxos') IS NOT NULL")[0][0]:
+            left.slots += [f"log{i}/{r[0]}" for r in _rows(dsn, "SELECT txid FROM txmgr_paxos")]
     return left
 
 
-def read_log_text(log_dsn: str) -> str:
-    """The decision log's tables as text, for the secret scan."""
+def read_log_text(log_dsns: str | Sequence[str]) -> str:
+    """Every txmgr table of the log database(s) as text, for the secret scan."""
     out = []
-    for table in ("txmgr_decision", "txmgr_resolution_audit", "txmgr_log_meta"):
-        query = sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(sql.Identifier(table))
-        out += [str(r[0]) for r in _rows(log_dsn, query)]
+    for dsn in _log_dsns(log_dsns):
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            out.append(_log_text(conn))
     return "\n".join(out)
 
 
-def sample_log_tables(log_dsn: str, out: Path, stop: threading.Event, every: float) -> int:
-    """Append the decision log's rows to ``out`` every ``every`` seconds until
-    ``stop``: after cleanup the table is empty, so the secret scan needs samples
-    taken while decisions were in flight. Returns how many rows were sampled."""
+def _log_text(conn: psycopg.Connection[Any]) -> str:
+    tables = _rows(conn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                         "AND starts_with(tablename, 'txmgr_') ORDER BY 1")
+    out = []
+    for (table,) in tables:
+        query = sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(
+            sql.Identifier(str(table)))
+        out += [str(r[0]) for r in _rows(conn, query)]
+    return "\n".join(out)
+
+
+def sample_log_tables(
+    log_dsns: str | Sequence[str], out: Path, stop: threading.Event, every: float,
+    samples: AcceptorSamples | None = None, text_every: int = 1,
+) -> int:
+    """Until ``stop``, every ``every`` seconds: add each log database's accepted
+    Paxos values to ``samples`` (if given), and every ``text_every`` times append
+    its rows to ``out`` — after cleanup the tables are empty, so the secret scan
+    needs samples taken while decisions were in flight. Returns the rows written."""
     rows = 0
-    with out.open("a", encoding="utf-8") as f:
-        while not stop.wait(every):
-            try:
-                text = read_log_text(log_dsn)
-            except psycopg.Error:
-                continue  # the nemesis has the log server down right now
-            f.write(text + "\n")
-            rows += text.count("\n") + 1
+    rounds = 0
+    conns: dict[str, psycopg.Connection[Any]] = {}  # kept: a few reads a second
+    try:
+        with out.open("a", encoding="utf-8") as f:
+            while not stop.wait(every):
+                rounds += 1
+                for dsn in _log_dsns(log_dsns):
+                    try:
+                        if dsn not in conns:
+                            conns[dsn] = psycopg.connect(dsn, autocommit=True,
+                                                         connect_timeout=2)
+                        if samples is not None:
+                            read_accepted(conns[dsn], samples)
+                        if rounds % text_every == 0:
+                            text = _log_text(conns[dsn])
+                            f.write(text + "\n")
+                            rows += text.count("\n") + 1
+                    except psycopg.Error:
+                        # The nemesis has this log database down (or wiped) right now.
+                        bad = conns.pop(dsn, None)
+                        if bad is not None:
+                            bad.close()
+    finally:
+        for conn in conns.values():
+            conn.close()
     return rows
 
 
@@ -226,8 +281,10 @@ def check(
     *,
     accounts: int,
     start_balance: int,
+    samples: AcceptorSamples | None = None,
 ) -> CheckReport:
-    """Judge the final state against what the clients were told."""
+    """Judge the final state against what the clients were told (and, in Paxos
+    mode, against the values the acceptors were seen choosing)."""
     violations: list[Violation] = []
     expected_total = len(state.balances) * accounts * start_balance
     total = sum(sum(b.values()) for b in state.balances.values())
@@ -275,6 +332,10 @@ def check(
             violations.append(Violation(
                 "untyped_error", f"commit() of transfer {tid} raised {error[11:]}, neither "
                                  "TransactionAborted nor OutcomeUnknown"))
+    seen: Counter[str] = Counter()
+    if samples is not None:
+        problems, seen = judge_decisions(samples, records, committed)
+        violations += [Violation(kind, detail) for kind, detail in problems]
     for where in scan.hits:
         violations.append(Violation("secret", f"the DSN password appears in {where}"))
     return CheckReport(
@@ -289,4 +350,6 @@ def check(
         scan=scan,
         errors=dict(records.errors.most_common()),
         known_issues=dict(known),
+        causes=dict(records.causes.most_common()),
+        decisions_seen=dict(seen),
     )

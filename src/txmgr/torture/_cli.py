@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
-from txmgr.torture._kinds import KINDS
+from txmgr.torture._kinds import ALL_KINDS, kinds_for
 
 __all__ = ["torture_main", "torture_options"]
 
@@ -28,13 +28,16 @@ def torture_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Client processes running transfers."),
         click.option("--participants", type=click.Choice(["2", "3"]), default="2",
                      show_default=True, help="Participant servers."),
-        click.option("--log", "log_mode", type=click.Choice(["dedicated", "participant"]),
+        click.option("--log", "log_mode",
+                     type=click.Choice(["dedicated", "participant", "paxos"]),
                      default="dedicated", show_default=True,
-                     help="Decision log on a server of its own, or inside a participant."),
+                     help="Decision log on a server of its own, inside a participant, or "
+                          "Paxos mode: three log databases on servers of their own."),
         click.option("--daemons", type=click.IntRange(1, 4), default=2, show_default=True,
                      help="Recovery daemons (one active, the others standby)."),
-        click.option("--kinds", default=",".join(KINDS), show_default=False,
-                     help="Comma-separated fault kinds (default: all)."),
+        click.option("--kinds", default=None,
+                     help="Comma-separated fault kinds (default: every kind of the --log "
+                          "mode)."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
                      default=None, help="Also write the report as JSON to this file."),
         click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
@@ -53,7 +56,7 @@ def run_from_options(
     participants: str,
     log_mode: str,
     daemons: int,
-    kinds: str,
+    kinds: str | None,
     json_path: Path | None,
     workdir: Path | None,
 ) -> int:
@@ -62,17 +65,25 @@ def run_from_options(
     from txmgr.torture._run import run_torture  # the harness: only now
 
     total = (minutes or 0.0) * 60 + (seconds or 0.0)
-    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip())
-    unknown = sorted(set(chosen) - set(KINDS))
-    if unknown or not chosen:
-        raise click.BadParameter(f"unknown fault kinds {unknown}; choose from "
-                                 f"{', '.join(KINDS)}", param_hint="--kinds")
+    log: Literal["dedicated", "participant", "paxos"] = (
+        "participant" if log_mode == "participant" else
+        "paxos" if log_mode == "paxos" else "dedicated")
+    allowed = kinds_for(log)
+    chosen = allowed if kinds is None else tuple(k.strip() for k in kinds.split(",")
+                                                 if k.strip())
+    unknown = sorted(set(chosen) - set(ALL_KINDS))
+    misfits = sorted(set(chosen) - set(allowed) - set(unknown))
+    if unknown or misfits or not chosen:
+        problem = (f"unknown fault kinds {unknown}" if unknown or not chosen else
+                   f"fault kinds {misfits} need --log paxos")
+        raise click.BadParameter(f"{problem}; with --log {log} choose from "
+                                 f"{', '.join(allowed)}", param_hint="--kinds")
     options = TortureOptions(
         seconds=total or 60.0,
         seed=seed,
         clients=clients,
         participants=int(participants),
-        log="participant" if log_mode == "participant" else "dedicated",
+        log=log,
         daemons=daemons,
         kinds=chosen,
         workdir=workdir,

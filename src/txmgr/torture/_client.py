@@ -2,9 +2,10 @@
 
 Run by the torture harness as ``python -m txmgr.torture.client SPEC --slot N
 --incarnation I --seed S --records FILE [--max-transfers K]``. SPEC is a JSON
-file: ``participants`` (name -> DSN), ``log``, ``accounts``,
-``log_idle_timeout``, ``connect_timeout``. The harness arms failpoints through
-``TXMGR_FAILPOINTS`` and may SIGKILL the process at any moment.
+file: ``participants`` (name -> DSN), ``log`` (a DSN, a participant's name,
+or a list of DSNs: Paxos mode), ``accounts``, ``log_idle_timeout``,
+``connect_timeout``. The harness arms failpoints through ``TXMGR_FAILPOINTS``,
+may SIGKILL the process at any moment, and may freeze it (SIGSTOP) a while.
 
 Every transfer is recorded (:mod:`txmgr.torture._records`) before it starts
 and once its outcome is known. SIGTERM ends the loop after the current
@@ -29,7 +30,9 @@ from typing import TypedDict
 
 from txmgr import failpoints
 from txmgr.errors import OutcomeUnknown, TransactionAborted
+from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
+from txmgr.paxos import PaxosGid, PaxosLog
 from txmgr.torture._records import RecordWriter
 from txmgr.torture._workload import Transfer, plan_transfer, run_transfer_body
 
@@ -48,9 +51,35 @@ def _describe(e: BaseException) -> str:
     return " <- ".join(parts)
 
 
-def _transfer(tm: TransactionManager, t: Transfer, out: RecordWriter) -> str:
+class _VoterHooks(Hooks):
+    """Remembers the Paxos voters the gids of the current transfer named (the
+    checker judges the acceptors' samples against them)."""
+
+    def __init__(self) -> None:
+        self.voters: str | None = None  # "<quorum>:<incarnation>,…"
+
+    def after_prepare(self, txid: str, participant: str, gid: str) -> None:
+        parsed = PaxosGid.parse(gid)
+        if parsed is not None:
+            v = parsed.voters
+            self.voters = f"{v.quorum}:{','.join(v.incarnations)}"
+
+
+def _fields(tx_txid: str | None, hooks: _VoterHooks, error: BaseException | None = None
+            ) -> list[str]:
+    """The ``key=value`` fields of an outcome line (see txmgr.torture._records)."""
+    fields = [f"txid={tx_txid}"] if tx_txid else []
+    if error is not None and error.__cause__ is not None:
+        fields.append(f"cause={type(error.__cause__).__name__}")
+    if hooks.voters is not None:
+        fields.append(f"voters={hooks.voters}")
+    return fields
+
+
+def _transfer(tm: TransactionManager, t: Transfer, out: RecordWriter, hooks: _VoterHooks) -> str:
     """Run one transfer; record and return its outcome letter (K, X or U)."""
     tid = t.transfer_id
+    hooks.voters = None
     try:
         tx = tm.transaction()
     except Exception as e:  # the log could not be read: nothing began
@@ -73,19 +102,19 @@ def _transfer(tm: TransactionManager, t: Transfer, out: RecordWriter) -> str:
     try:
         tx.commit()
     except TransactionAborted as e:
-        out.write("X", tid, type(e).__name__)
+        out.write("X", tid, type(e).__name__, *_fields(tx.txid, hooks, e))
         logger.warning("%s: aborted: %s", tid, _describe(e))
         return "X"
     except OutcomeUnknown as e:
-        out.write("U", tid, type(e).__name__)
+        out.write("U", tid, type(e).__name__, *_fields(e.txid or tx.txid, hooks, e))
         logger.warning("%s: outcome unknown: %s", tid, _describe(e))
         return "U"
     except Exception as e:  # not one of txmgr's documented outcomes: keep the traceback
-        out.write("U", tid, "unexpected:" + type(e).__name__)
+        out.write("U", tid, "unexpected:" + type(e).__name__, *_fields(tx.txid, hooks, e))
         logger.error("%s: unexpected error from commit():\n%s", tid,
                      "".join(traceback.format_exception(e)))
         return "U"
-    out.write("K", tid)
+    out.write("K", tid, *_fields(tx.txid, hooks))
     return "K"
 
 
@@ -93,7 +122,7 @@ class ClientSpec(TypedDict):
     """The JSON file the harness writes for its clients."""
 
     participants: dict[str, str]
-    log: str  # a DSN, or the name of the participant holding the log
+    log: str | list[str]  # a DSN, the participant holding the log, or Paxos DSNs
     accounts: int
     log_idle_timeout: float
     connect_timeout: float
@@ -113,13 +142,17 @@ def run(
     participants = spec["participants"]
     rng = random.Random(f"{seed}/{slot}/{incarnation}")
     armed = dict(failpoints.active())
+    log = spec["log"]
+    hooks = _VoterHooks()
     tm = TransactionManager(
         participants,
-        spec["log"],
+        PaxosLog(log, connect_timeout=spec["connect_timeout"], pool_max_size=4)
+        if isinstance(log, list) else log,
         pool_min_size=1,
         pool_max_size=2,
         connect_timeout=spec["connect_timeout"],
         log_idle_timeout=spec["log_idle_timeout"],
+        hooks=hooks,
     )
     out = RecordWriter(records)
     names = sorted(participants)
@@ -129,7 +162,7 @@ def run(
             done += 1
             t = plan_transfer(rng, f"c{slot}.{incarnation}.{done}", names, spec["accounts"])
             before = {name: failpoints.hits(name) for name in armed}
-            outcome = _transfer(tm, t, out)
+            outcome = _transfer(tm, t, out, hooks)
             for name, action in armed.items():
                 if failpoints.hits(name) > before[name]:
                     out.write("F", name, action)

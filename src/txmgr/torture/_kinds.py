@@ -1,9 +1,15 @@
 """The nemesis's fault kinds (a module of its own: the CLI needs the names
-without importing the harness)."""
+without importing the harness).
+
+:data:`KINDS` are those of the single-log modes (a dedicated log database, or
+the log inside a participant). Paxos mode (``--log paxos``, three log
+databases) keeps every one of them — those aimed at "the log" pick one log
+database, or two for ``log_outage`` — and adds :data:`PAXOS_ONLY`.
+"""
 
 from __future__ import annotations
 
-__all__ = ["KINDS"]
+__all__ = ["ALL_KINDS", "KINDS", "PAXOS_KINDS", "PAXOS_ONLY", "kinds_for"]
 
 KINDS = (
     "kill_client",
@@ -20,3 +26,19 @@ KINDS = (
     "failpoint_raise",
     "failpoint_sleep",
 )
+
+#: Faults that need several log databases.
+PAXOS_ONLY = (
+    "stop_log",  # one log server down for a while, in the background
+    "wipe_log",  # one log database dropped and re-created empty: a new incarnation
+    "isolate_log",  # one log database unreachable through its proxy for a while
+    "two_logs_down",  # two of the three at once; then one returns, later the other
+)
+
+PAXOS_KINDS = KINDS + PAXOS_ONLY
+ALL_KINDS = PAXOS_KINDS
+
+
+def kinds_for(log: str) -> tuple[str, ...]:
+    """Every fault kind that makes sense with this ``--log`` mode."""
+    return PAXOS_KINDS if log == "paxos" else KINDS

@@ -27,6 +27,11 @@ Kinds (:data:`KINDS`):
 - ``failpoint_crash`` / ``failpoint_raise`` / ``failpoint_sleep``: restart one
   client with a failpoint armed at a random protocol step (the sleep may
   outlast the decision log's idle timeout).
+
+In Paxos mode the kinds aimed at "the log" pick one of its three databases
+(``log_outage`` two), and :mod:`txmgr.torture._paxos_faults` adds the faults
+that need several: ``stop_log``, ``isolate_log``, ``wipe_log`` and
+``two_logs_down``.
 """
 
 from __future__ import annotations
@@ -38,14 +43,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from txmgr import failpoints
-from txmgr.testing.proxy import FaultProxy, Rule
-from txmgr.torture._kinds import KINDS
+from txmgr.testing.proxy import FaultProxy
+from txmgr.torture._kinds import ALL_KINDS, KINDS, PAXOS_ONLY
+from txmgr.torture._logdbs import LogDatabase
+from txmgr.torture._paxos_faults import PaxosFaults
 from txmgr.torture._procs import ProcessGroup
+from txmgr.torture._rules import ANY_STATEMENT, DROP_ACTIONS, PATTERNS, wait_for_hit
 from txmgr.transaction import CONFIRM_PATIENCE
 
 __all__ = [
@@ -60,20 +68,10 @@ __all__ = [
 ]
 
 
-DropAction = Literal["drop_before", "drop_after_forward", "drop_after_reply"]
-DROP_ACTIONS: tuple[DropAction, ...] = ("drop_before", "drop_after_forward", "drop_after_reply")
 # Points every two-phase transfer passes (before_one_phase is never reached).
 FAILPOINT_POINTS = tuple(p for p in failpoints.POINTS if p != "before_one_phase")
 #: environment key the nemesis uses to cap an armed client's transfers
 MAX_TRANSFERS_ENV = "TXMGR_TORTURE_MAX_TRANSFERS"
-
-_PATTERNS = {
-    "drop_prepare": r"^PREPARE TRANSACTION",
-    "drop_commit_prepared": r"^COMMIT PREPARED",
-    "drop_log_commit": r"^COMMIT\s*;?\s*$",
-    "partition": r"^(PREPARE TRANSACTION|COMMIT PREPARED|COMMIT\s*;?\s*$)",
-}
-_RULE_PATIENCE = 10.0  # seconds a rule may wait for its statement before it is removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +93,9 @@ class Fault:
 
 def schedule(seed: int, kinds: Sequence[str] = KINDS) -> Iterator[Fault]:
     """The endless fault schedule of ``seed``: shuffled rounds of every kind."""
-    unknown = sorted(set(kinds) - set(KINDS))
+    unknown = sorted(set(kinds) - set(ALL_KINDS))
     if unknown or not kinds:
-        raise ValueError(f"unknown fault kinds {unknown}; choose from {', '.join(KINDS)}")
+        raise ValueError(f"unknown fault kinds {unknown}; choose from {', '.join(ALL_KINDS)}")
     rng = random.Random(seed)
     number = 0
     while True:
@@ -128,12 +126,15 @@ class World:
     clients: ProcessGroup
     daemons: ProcessGroup
     participant_servers: list[Server]
-    log_server: Server  # one of the participant servers when the log lives there
+    log_servers: list[Server]  # one (a participant's, with the log inside), or three
     prepare_proxies: list[FaultProxy]  # of the participants that PREPARE (not the log's)
-    log_proxy: FaultProxy
+    log_proxies: list[FaultProxy]  # same order as log_servers
     proxies: list[FaultProxy]  # every proxy, once
     daemon_config: Path  # for the CLI probes
     log_dir: Path
+    paxos: list[LogDatabase] = field(default_factory=list)  # Paxos mode: the log databases
+    participant_dsns: list[str] = field(default_factory=list)  # direct (Paxos observations)
+    grace: float = 5.0  # the daemons' Paxos grace (their log idle timeout)
 
 
 class Nemesis:
@@ -157,6 +158,16 @@ class Nemesis:
         self.errors: list[str] = []  # the harness failed to inject (a bug of ours)
         self._probes = 0
         self._log = (world.log_dir / "nemesis.log").open("a", encoding="utf-8")
+        self.paxos = PaxosFaults(world.paxos, world.clients, world.participant_dsns, self.stop,
+                                 self._probe_cli, world.grace) if world.paxos else None
+        if self.paxos is None and set(self.kinds) & set(PAXOS_ONLY):
+            raise ValueError(f"fault kinds {sorted(set(self.kinds) & set(PAXOS_ONLY))} need "
+                             "the three log databases of Paxos mode")
+
+    @property
+    def observations(self) -> Counter[str]:
+        """What the faults saw beyond hit or miss (Paxos mode: ``two_logs_down``)."""
+        return self.paxos.observations if self.paxos is not None else Counter()
 
     def effective(self) -> Counter[str]:
         """Faults that hit something, by kind."""
@@ -180,6 +191,9 @@ class Nemesis:
                     return
             if self.stop.wait(fault.gap):
                 return
+            if self.paxos is not None:
+                for done in self.paxos.restore_due():
+                    self._write(f"{time.strftime('%H:%M:%S')} {done}")
             started = time.monotonic()
             try:
                 effective, detail = self._apply(fault)
@@ -191,20 +205,25 @@ class Nemesis:
                 self._hits[fault.kind] += 1
             verdict = ("armed" if fault.kind.startswith("failpoint_")
                        else "hit" if effective else "miss")
-            self._log.write(f"{time.strftime('%H:%M:%S')} #{fault.number} {fault.kind} "
-                            f"{verdict} {detail} "
-                            f"({time.monotonic() - started:.2f}s)\n")
-            self._log.flush()
+            self._write(f"{time.strftime('%H:%M:%S')} #{fault.number} {fault.kind} "
+                        f"{verdict} {detail} ({time.monotonic() - started:.2f}s)")
+
+    def _write(self, line: str) -> None:
+        self._log.write(line + "\n")
+        self._log.flush()
 
     def heal(self) -> None:
-        """Undo what is still in effect: rules, partitions, stopped servers."""
+        """Undo what is still in effect: rules, partitions, stopped servers, frozen clients."""
+        if self.paxos is not None:
+            self.paxos.restore_all()
         for proxy in self.world.proxies:
             proxy.clear_rules()
             proxy.drop_all()  # ends blackholed connections
         for server in {id(s): s for s in [*self.world.participant_servers,
-                                          self.world.log_server]}.values():
+                                          *self.world.log_servers]}.values():
             if not server.is_running():
                 server.restart()
+        self.world.clients.thaw()
         self._log.close()
 
     # -- the faults -----------------------------------------------------------------
@@ -220,8 +239,12 @@ class Nemesis:
         if f.kind == "restart_participant":
             index = f.pick(w.participant_servers)
             return self._restart(w.participant_servers[index], f), f"participant {index}"
+        if self.paxos is not None:
+            applied = self._apply_paxos(f)
+            if applied is not None:
+                return applied
         if f.kind == "restart_log":
-            return self._restart(w.log_server, f), "log server"
+            return self._restart(w.log_servers[0], f), "log server"
         if f.kind == "drop_connections":
             index = f.pick(w.proxies)
             had = w.proxies[index].connections
@@ -231,15 +254,43 @@ class Nemesis:
             index = f.pick(w.prepare_proxies)
             return self._rule(w.prepare_proxies[index], f, f"participant proxy {index}")
         if f.kind == "drop_log_commit":
-            return self._rule(w.log_proxy, f, "log proxy")
+            return self._rule(w.log_proxies[0], f, "log proxy")
         if f.kind == "log_outage":
-            return self._log_outage(w.log_proxy, f)
+            return self._log_outage(w.log_proxies[0], f)
         if f.kind == "partition":
             index = f.pick(w.proxies)
             return self._partition(w.proxies[index], f, f"proxy {index}")
         if f.kind.startswith("failpoint_"):
             return self._failpoint(f)
         raise ValueError(f"unknown fault kind {f.kind!r}")
+
+    def _apply_paxos(self, f: Fault) -> tuple[bool, str] | None:
+        """The faults aimed at the log, in Paxos mode; None for the others."""
+        assert self.paxos is not None
+        px = self.paxos
+        simple: dict[str, Callable[[Fault], tuple[bool, str]]] = {
+            "restart_log": px.restart_log,
+            "drop_log_commit": px.drop_accept,
+            "log_outage": px.lose_decisions,
+            "stop_log": px.stop_log,
+            "isolate_log": px.isolate_log,
+            "wipe_log": px.wipe_log,
+            "two_logs_down": px.two_logs_down,
+        }
+        if f.kind in simple:
+            return simple[f.kind](f)
+        if f.kind == "partition":
+            # A proxy whose log database is down would wait in vain for a statement.
+            w = self.world
+            up = px.up_proxies()
+            logs = {id(p) for p in w.log_proxies}
+            live = [p for p in w.proxies if id(p) not in logs or id(p) in up]
+            proxy = live[f.pick(live)]
+            index = w.proxies.index(proxy)
+            if id(proxy) in logs:  # any statement: registration, accept, read, …
+                return self._partition(proxy, f, f"proxy {index} (log)", ANY_STATEMENT)
+            return self._partition(proxy, f, f"proxy {index}")
+        return None
 
     def _restart(self, server: Server, f: Fault) -> bool:
         if not server.is_running():
@@ -256,9 +307,9 @@ class Nemesis:
 
     def _rule(self, proxy: FaultProxy, f: Fault, where: str) -> tuple[bool, str]:
         action = DROP_ACTIONS[f.variant % len(DROP_ACTIONS)]
-        rule = proxy.add_rule(_PATTERNS[f.kind], action, times=1)
+        rule = proxy.add_rule(PATTERNS[f.kind], action, times=1)
         try:
-            hit = self._wait_for_hit(rule)
+            hit = wait_for_hit([rule], self.stop)
         finally:
             proxy.remove_rule(rule)
         return hit, f"{where} {action}"
@@ -268,10 +319,10 @@ class Nemesis:
         # Every question about a decision's fate (the coordinator's confirm,
         # recovery's status query) dies while the rules hold.
         blind = proxy.add_rule(r"pg_xact_status", "drop_before", times=None)
-        lose = proxy.add_rule(_PATTERNS["drop_log_commit"], action, times=1)
+        lose = proxy.add_rule(PATTERNS["drop_log_commit"], action, times=1)
         hold = CONFIRM_PATIENCE + 1.0 + f.seconds
         try:
-            hit = self._wait_for_hit(lose)
+            hit = wait_for_hit([lose], self.stop)
             if hit:
                 self.stop.wait(hold)
         finally:
@@ -279,23 +330,18 @@ class Nemesis:
             proxy.remove_rule(blind)
         return hit, f"log proxy {action}, decisions unreadable for {hold:g}s"
 
-    def _partition(self, proxy: FaultProxy, f: Fault, where: str) -> tuple[bool, str]:
-        rule = proxy.add_rule(_PATTERNS["partition"], "blackhole", times=1)
+    def _partition(
+        self, proxy: FaultProxy, f: Fault, where: str, pattern: str = PATTERNS["partition"]
+    ) -> tuple[bool, str]:
+        rule = proxy.add_rule(pattern, "blackhole", times=1)
         try:
-            hit = self._wait_for_hit(rule)
+            hit = wait_for_hit([rule], self.stop)
             if hit:
                 self.stop.wait(f.seconds)
         finally:
             proxy.remove_rule(rule)
             proxy.drop_all()
         return hit, f"{where} for {f.seconds:g}s"
-
-    def _wait_for_hit(self, rule: Rule) -> bool:
-        deadline = time.monotonic() + _RULE_PATIENCE
-        while rule.hits == 0:
-            if time.monotonic() >= deadline or self.stop.wait(0.02):
-                return False
-        return True
 
     def _failpoint(self, f: Fault) -> tuple[bool, str]:
         slot = f.pick(self.world.clients.slots)

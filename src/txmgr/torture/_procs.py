@@ -2,7 +2,8 @@
 
 A :class:`ProcessGroup` keeps ``count`` processes running: when one exits
 (killed by the nemesis, ended by a crash failpoint, or done) the
-:class:`Supervisor` starts its next incarnation. Each incarnation writes its
+:class:`Supervisor` starts its next incarnation. The nemesis may also freeze a
+group (SIGSTOP, and no new incarnation) and thaw it again. Each incarnation writes its
 stdout and stderr to a log file of its own, which the secret scan reads.
 
 Every process is started by the supervisor's thread through
@@ -57,6 +58,7 @@ class ProcessGroup:
     armed_exits: Counter[str] = field(default_factory=Counter)  # exits of armed incarnations
     slots: list[Slot] = field(default_factory=list)
     restarting: bool = True
+    frozen: bool = False  # SIGSTOPped by the nemesis: no new incarnation either
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -81,6 +83,26 @@ class ProcessGroup:
             if slot.current is not None and slot.current.proc.poll() is None:
                 slot.current.proc.send_signal(signal.SIGTERM)
 
+    def freeze(self) -> int:
+        """SIGSTOP every process and start no new one until :meth:`thaw`; how many."""
+        with self._lock:
+            self.frozen = True
+            return self._signal_running(signal.SIGSTOP)
+
+    def thaw(self) -> int:
+        """SIGCONT every process and restart as usual again; how many."""
+        with self._lock:
+            self.frozen = False
+            return self._signal_running(signal.SIGCONT)
+
+    def _signal_running(self, signum: int) -> int:
+        sent = 0
+        for slot in self.slots:
+            if slot.current is not None and slot.current.proc.poll() is None:
+                slot.current.proc.send_signal(signum)
+                sent += 1
+        return sent
+
     def alive(self) -> int:
         with self._lock:
             return sum(1 for s in self.slots if s.current and s.current.proc.poll() is None)
@@ -101,7 +123,7 @@ class ProcessGroup:
                     if inc.armed is not None:
                         self.armed_exits[what] += 1
                     slot.current = None
-                if self.restarting:
+                if self.restarting and not self.frozen:
                     self._start(slot)
 
     def _start(self, slot: Slot) -> None:
@@ -128,6 +150,7 @@ class ProcessGroup:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGCONT)  # a frozen one would not act on it
         deadline = time.monotonic() + timeout
         killed = 0
         for p in procs:

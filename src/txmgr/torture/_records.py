@@ -7,6 +7,11 @@ A client writes ``A <id> <txid>`` before it starts a transfer, then one of
 - ``U <id> <error type>`` — outcome unknown (``OutcomeUnknown``, or an
   unexpected error out of ``commit()``): both halves or neither.
 
+Outcome lines may end with ``key=value`` fields: ``txid=`` the transaction's
+txid once ``commit()`` is over (in Paxos mode it may differ from the one at
+the start), ``cause=`` the type of the error's ``__cause__``, ``voters=`` the
+Paxos voters its gids named (``<quorum>:<incarnation>,…``).
+
 ``F <failpoint> <action>`` records a failpoint that fired (raise or sleep; a
 crash ends the process before it can write). A transfer with an ``A`` line
 and no outcome was cut short (SIGKILL, crash failpoint): it counts as unknown.
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["RecordWriter", "Records", "read_records"]
+__all__ = ["RecordWriter", "Records", "Voters", "read_records"]
 
 
 class RecordWriter:
@@ -41,6 +46,24 @@ class RecordWriter:
         self._file.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Voters:
+    """The Paxos voters of one transfer's transaction, as its gids named them."""
+
+    quorum: int
+    incarnations: frozenset[str]
+
+    def __str__(self) -> str:
+        return f"{self.quorum}:{','.join(sorted(self.incarnations))}"
+
+    @classmethod
+    def parse(cls, text: str) -> Voters | None:
+        quorum, _, incs = text.partition(":")
+        if not quorum.isdigit() or not incs:
+            return None
+        return cls(int(quorum), frozenset(incs.split(",")))
+
+
 @dataclass
 class Records:
     """Everything the clients recorded, merged."""
@@ -51,6 +74,9 @@ class Records:
     unknown: dict[str, str] = field(default_factory=dict)  # id -> error type or "cut short"
     failpoints: Counter[str] = field(default_factory=Counter)  # "point=action" -> hits
     errors: Counter[str] = field(default_factory=Counter)  # error type -> count
+    causes: Counter[str] = field(default_factory=Counter)  # "error<-cause" -> count
+    txids: dict[str, str] = field(default_factory=dict)  # id -> txid after commit()
+    voters: dict[str, Voters] = field(default_factory=dict)  # id -> Paxos voters
 
     def finish(self) -> None:
         """Attempts without an outcome line become unknown ("cut short")."""
@@ -69,6 +95,10 @@ def read_records(paths: Iterable[Path]) -> Records:
             if len(parts) < 2:
                 continue
             kind, tid = parts[0], parts[1]
+            if kind in ("K", "X", "U"):
+                extra = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+                parts = [p for p in parts if "=" not in p]
+                _outcome_fields(records, tid, parts, extra)
             if kind == "A":
                 records.attempted.add(tid)
             elif kind == "K":
@@ -83,3 +113,13 @@ def read_records(paths: Iterable[Path]) -> Records:
                 records.failpoints[f"{parts[1]}={parts[2]}"] += 1
     records.finish()
     return records
+
+
+def _outcome_fields(records: Records, tid: str, parts: list[str], extra: dict[str, str]) -> None:
+    if "txid" in extra:
+        records.txids[tid] = extra["txid"]
+    if "cause" in extra and len(parts) >= 3:
+        records.causes[f"{parts[2]}<-{extra['cause']}"] += 1
+    voters = Voters.parse(extra.get("voters", ""))
+    if voters is not None:
+        records.voters[tid] = voters

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from txmgr.torture._checker import KNOWN_ISSUES, CheckReport
-from txmgr.torture._kinds import KINDS
+from txmgr.torture._kinds import kinds_for
 
 __all__ = ["TortureOptions", "TortureReport"]
 
@@ -22,13 +22,13 @@ class TortureOptions:
     seed: int | None = None  # None: a random seed, reported
     clients: int = 4
     participants: int = 2
-    log: Literal["dedicated", "participant"] = "dedicated"
+    log: Literal["dedicated", "participant", "paxos"] = "dedicated"
     accounts: int = 10
     daemons: int = 2
     daemon_interval: float = 0.5  # often: recovery races the live coordinators
     log_idle_timeout: float = 5.0  # short, so that failpoint sleeps outlast it
     lock_timeout_ms: int = 2000  # a branch waiting on an in-doubt one gives up
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = ()  # (): every kind of the log mode (see _kinds.kinds_for)
     workdir: Path | None = None  # None: a temporary directory, removed after a clean run
     keep: bool = False  # keep the work directory even after a clean run
     settle_timeout: float = 120.0  # final recovery gives up after this long
@@ -38,10 +38,17 @@ class TortureOptions:
             raise ValueError("participants must be 2 or 3")
         if self.clients < 1 or self.daemons < 1 or self.accounts < 1:
             raise ValueError("clients, daemons and accounts must be at least 1")
-        if self.log not in ("dedicated", "participant"):
-            raise ValueError("log must be 'dedicated' or 'participant'")
+        if self.log not in ("dedicated", "participant", "paxos"):
+            raise ValueError("log must be 'dedicated', 'participant' or 'paxos'")
         if not self.seconds > 0:
             raise ValueError("seconds must be positive")
+        allowed = kinds_for(self.log)
+        if not self.kinds:
+            object.__setattr__(self, "kinds", allowed)  # frozen: set once, here
+        misfits = sorted(set(self.kinds) - set(allowed))
+        if misfits:
+            raise ValueError(f"fault kinds {misfits} do not apply with log={self.log!r}; "
+                             f"choose from {', '.join(allowed)}")
 
 
 @dataclass
@@ -59,6 +66,8 @@ class TortureReport:
     settle_passes: int
     harness_errors: list[str] = field(default_factory=list)
     workdir: str | None = None
+    observations: Counter[str] = field(default_factory=Counter)  # see Nemesis.observations
+    acceptor_reads: int = 0  # Paxos mode: log database reads of the decision sampler
 
     @property
     def ok(self) -> bool:
@@ -82,6 +91,8 @@ class TortureReport:
             "daemon_exits": dict(self.daemon_exits),
             "clients_killed_at_stop": self.clients_killed_at_stop,
             "settle_passes": self.settle_passes,
+            "observations": dict(self.observations),
+            "acceptor_reads": self.acceptor_reads,
             "harness_errors": self.harness_errors,
             "workdir": self.workdir,
         }
@@ -101,18 +112,26 @@ class TortureReport:
                 f"{k}={self.injected[k]}/{self.effective[k]}" for k in self.options.kinds),
             "errors that ended transfers: " + (" ".join(
                 f"{k}={n}" for k, n in c.errors.items()) or "none"),
+            *(["... caused by: " + " ".join(f"{k}={n}" for k, n in c.causes.items())]
+              if c.causes else []),
+            *([f"paxos decisions seen chosen in {self.acceptor_reads} acceptor reads: "
+               + (" ".join(f"{k}={n}" for k, n in sorted(c.decisions_seen.items()))
+                  or "none")] if self.options.log == "paxos" else []),
+            *(f"observed: {k}: {n}" for k, n in self.observations.items()),
             f"violations: {sum(c.violation_counts().values())} {c.violation_counts() or ''}",
             *(f"known issue (not counted): {error} x{n}, see {KNOWN_ISSUES[error]}"
               for error, n in c.known_issues.items()),
             f"leftovers: prepared={len(c.leftovers.prepared)} "
-            f"decision_rows={len(c.leftovers.decisions)}",
+            f"decision_rows={len(c.leftovers.decisions)}"
+            + (f" paxos_slots={len(c.leftovers.slots)}" if self.options.log == "paxos"
+               else ""),
             f"password scan: {c.scan.files} files + log tables, {c.scan.bytes} bytes, "
             f"{len(c.scan.hits)} hits",
             f"client exits: {dict(self.client_exits)}; daemon exits: {dict(self.daemon_exits)}",
         ]
         for v in c.violations[:20]:
             lines.append(f"  VIOLATION {v.kind}: {v.detail}")
-        for gid in [*c.leftovers.prepared, *c.leftovers.decisions][:20]:
+        for gid in [*c.leftovers.prepared, *c.leftovers.decisions, *c.leftovers.slots][:20]:
             lines.append(f"  LEFTOVER {gid}")
         for err in self.harness_errors:
             lines.append(f"  HARNESS ERROR {err}")

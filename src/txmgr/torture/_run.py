@@ -1,15 +1,18 @@
 """One torture run: the bench, clients, daemons, the nemesis, then the verdict.
 
 1. Build the bench (:mod:`txmgr.torture._bench`): servers, the bank, the
-   decision log, a fault proxy per server, a role whose password is a random
-   marker.
+   decision log (three log databases on servers of their own in Paxos mode),
+   a fault proxy per server, a role whose password is a random marker.
 2. Start the client processes and the recovery daemons (``txmgr daemon``),
    supervised: whatever exits is started again.
 3. The nemesis injects faults for the requested time, and on until every
    kind hit something.
 4. Heal: rules off, servers up; stop the clients (SIGTERM, then SIGKILL) and
    the daemons; run ``txmgr status`` and ``txmgr recover``; recovery passes
-   until nothing is prepared and no decision row is left (or a deadline).
+   until nothing is prepared and no decision row (no Paxos slot) is left, or
+   a deadline. In Paxos mode these passes run with ``paxos_grace=0``: no
+   coordinator is alive any more, so recovery may decide at once what is
+   undecided, and delete unused slots without waiting for them to age.
 5. The checker reads everything and judges (:mod:`txmgr.torture._checker`).
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from txmgr.config import Config
 from txmgr.recovery import Recoverer
+from txmgr.torture._acceptors import AcceptorSamples
 from txmgr.torture._bench import Bench, build_bench
 from txmgr.torture._checker import (
     CheckReport,
@@ -100,8 +104,11 @@ def _cli_final(bench: Bench, logs: Path) -> None:
 
 
 def _settle(config: Config, deadline: float, log: Path) -> tuple[int, list[str]]:
-    """Recovery passes until nothing is left; the passes run and the last errors."""
-    recoverer = Recoverer(config)
+    """Recovery passes until nothing is left; the passes run and the last errors.
+
+    Only once every client and daemon is gone: in Paxos mode with no grace.
+    """
+    recoverer = Recoverer(config, paxos_grace=0.0)
     passes = 0
     try:
         with log.open("a", encoding="utf-8") as out:
@@ -116,23 +123,29 @@ def _settle(config: Config, deadline: float, log: Path) -> tuple[int, list[str]]
                 time.sleep(0.2)  # a killed coordinator's L ends when its server notices
     finally:
         recoverer.close()
+        if config.paxos_log is not None:
+            config.paxos_log.close()
 
 
-def _verdict(bench: Bench, secret: str, options: TortureOptions, workdir: Path) -> CheckReport:
+def _verdict(
+    bench: Bench, secret: str, options: TortureOptions, workdir: Path,
+    samples: AcceptorSamples | None,
+) -> CheckReport:
     logs, records = workdir / "logs", workdir / "records"
     scan = scan_for_secret(
         secret,
         [*sorted(logs.glob("*")), *sorted(records.glob("*")),
          *(s.log_file for s in bench.servers)],
-        {"decision log tables": read_log_text(bench.log_direct)},
+        {"decision log tables": read_log_text(bench.log_directs)},
     )
     return check(
         read_bank(bench.direct),
         read_records(sorted(records.glob("*.rec"))),
-        read_leftovers(bench.server_dsns(secret), bench.log_direct),
+        read_leftovers(bench.server_dsns(secret), bench.log_directs),
         scan,
         accounts=options.accounts,
         start_balance=START_BALANCE,
+        samples=samples,
     )
 
 
@@ -160,18 +173,25 @@ def run_torture(
             clients=clients,
             daemons=daemons,
             participant_servers=list(bench.bank_servers),
-            log_server=bench.log_server,
+            log_servers=list(bench.log_servers),
             prepare_proxies=bench.prepare_proxies,
-            log_proxy=bench.log_proxy,
+            log_proxies=bench.log_proxies,
             proxies=bench.proxies,
             daemon_config=bench.daemon_config,
             log_dir=logs,
+            paxos=bench.paxos,
+            participant_dsns=list(bench.direct.values()),
+            grace=options.log_idle_timeout,
         )
         nemesis = Nemesis(world, seed, options.kinds, _client_effects(clients, records))
         supervisor = Supervisor([clients, daemons]).start()
         sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torture-sampler")
-        sampled = sampler.submit(sample_log_tables, bench.log_direct,
-                                 logs / "decision-log-samples.txt", nemesis.stop, 2.0)
+        # Paxos mode: accepted values four times a second (for the decision
+        # check), the tables' text every other second (for the secret scan).
+        samples = AcceptorSamples() if bench.paxos else None
+        sampled = sampler.submit(
+            sample_log_tables, bench.log_directs, logs / "decision-log-samples.txt",
+            nemesis.stop, 0.25 if samples else 2.0, samples, 8 if samples else 1)
         t_nemesis = time.monotonic()
         try:
             nemesis.run(options.seconds)
@@ -191,11 +211,11 @@ def run_torture(
         echo(f"torture: faults done after {nemesis_seconds:.0f}s; recovering and checking")
         _cli_final(bench, logs)
         settle_passes, settle_errors = _settle(
-            bench.direct_config, time.monotonic() + options.settle_timeout,
+            bench.direct_config(), time.monotonic() + options.settle_timeout,
             logs / "final-recovery.log",
         )
         harness_errors += [f"final recovery: {e}" for e in settle_errors]
-        verdict = _verdict(bench, secret, options, workdir)
+        verdict = _verdict(bench, secret, options, workdir, samples)
         effective = nemesis.effective()
 
     report = TortureReport(
@@ -211,6 +231,8 @@ def run_torture(
         clients_killed_at_stop=killed,
         settle_passes=settle_passes,
         harness_errors=harness_errors,
+        observations=nemesis.observations,
+        acceptor_reads=samples.reads if samples is not None else 0,
     )
     if options.workdir is None and report.ok and not options.keep:
         shutil.rmtree(workdir, ignore_errors=True)

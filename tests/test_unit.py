@@ -223,3 +223,17 @@ def test_network_defaults_never_override_the_dsn() -> None:
     mine = network_defaults("postgresql://u@h/d?keepalives_idle=60&tcp_user_timeout=0")
     assert "keepalives_idle" not in mine and "tcp_user_timeout" not in mine
     assert mine["keepalives"] == 1
+
+
+def test_registrations_ahead_expire_well_within_the_recovery_grace() -> None:
+    def paxos_log() -> txmgr.PaxosLog:
+        return txmgr.PaxosLog([f"postgresql://x@127.0.0.1:1/{n}" for n in "abc"])
+
+    dsns = {"a": "postgresql://x@127.0.0.1:1/a", "b": "postgresql://x@127.0.0.1:1/b"}
+    for idle, expected in ((8.0, 2.0), (60.0, 5.0)):  # a quarter of it, at most the default
+        log = paxos_log()
+        tm = txmgr.TransactionManager(dsns, log=log, log_idle_timeout=idle, pool_min_size=0)
+        try:
+            assert log.ahead_max_age == expected
+        finally:
+            tm.close()

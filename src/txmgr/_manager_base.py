@@ -80,6 +80,12 @@ class ManagerBase(Generic[P]):
         self._forget: list[str] = []  # txids whose branches are all committed
         self._forget_lock = threading.Lock()
         self._closed = False
+        log = config.paxos_log
+        if log is not None:
+            # Recovery gives a registered transaction log_idle_timeout seconds
+            # from its registration (its default paxos_grace): a txid registered
+            # ahead must reach its commit well within that.
+            log.ahead_max_age = min(log.ahead_max_age, config.log_idle_timeout / 4)
 
     def _new_participant(self, name: str, dsn: str) -> P:
         raise NotImplementedError

@@ -376,7 +376,8 @@ class PaxosLog:
         self._check_open()
         if not transactions:
             return {}
-        results = run_round(self, read_query(sorted(transactions)), enough=_everyone)
+        results = run_round(self, read_query(sorted(transactions)), enough=_everyone,
+                            everyone=True)
         out: dict[str, Outcome] = {}
         for txid, voters in transactions.items():
             replies = by_incarnation(results, txid)
@@ -387,7 +388,10 @@ class PaxosLog:
     def recover(self, txid: str, voters: Voters, *, preempt: bool = True) -> Outcome:
         """Learn ``txid``'s outcome; with ``preempt``, decide it if nobody has (the
         coordinator's ballot 0 is then refused, and it learns the outcome too)."""
-        return self._drive(self.proposer.recover(txid, voters, preempt=preempt), voters)
+        # Every log database is asked, resting ones too: a voter that just came
+        # back may be the one this transaction needs.
+        return self._drive(self.proposer.recover(txid, voters, preempt=preempt), voters,
+                           everyone=True)
 
     def forget(
         self, txids: Sequence[str], *, keep_commit: bool = False, min_age: float = 0.0
@@ -470,7 +474,8 @@ class PaxosLog:
 
     # -- I/O ----------------------------------------------------------------------------
 
-    def _drive(self, steps: Steps, voters: Voters, *, forget: Sequence[str] = ()) -> Outcome:
+    def _drive(self, steps: Steps, voters: Voters, *, forget: Sequence[str] = (),
+               everyone: bool = False) -> Outcome:
         q = voters.quorum
         try:
             request = next(steps)
@@ -488,7 +493,7 @@ class PaxosLog:
                         # accepted by one of them is then finished rather than aborted.
                         replies = by_incarnation(run_round(
                             self, query_for(request), enough=_oks(voters, request.txid, q),
-                            linger=self.linger), request.txid)
+                            linger=self.linger, everyone=everyone), request.txid)
                 request = steps.send(replies)
         except StopIteration as stop:
             outcome: Outcome = stop.value

@@ -73,7 +73,7 @@ def checkout(
             missing.append(link)
     deadline = time.monotonic() + log.connect_timeout
     for link in missing:
-        if len(held) >= log.quorum and link.incarnation is not None:
+        if not everyone and len(held) >= log.quorum and link.incarnation is not None:
             continue  # busy or failing: not worth holding the round up
         conn = link.checkout(max(0.001, deadline - time.monotonic()))
         if conn is None:

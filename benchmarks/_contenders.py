@@ -215,22 +215,29 @@ class Txmgr(Contender):
             pool_min_size=clients,
             pool_max_size=clients + 2,
         )
-        tm.check()
-        for p in dsns:  # wait until each pool holds a connection per client
-            tm.participant(p).pool().wait()
-        names = list(dsns)
-
-        def one(moves: Moves) -> None:
-            with tm.transaction() as tx:
-                for name, params in zip(names, moves, strict=True):
-                    tx.connection(name).execute(UPDATE, params)
-
-        return [one] * clients
+        return _txmgr_clients(tm, dsns, clients)
 
     def close(self) -> None:
         if self._tm is not None:
             self._tm.close()
             self._tm = None
+
+
+def _txmgr_clients(tm: txmgr.TransactionManager, dsns: dict[str, str],
+                   clients: int) -> list[Client]:
+    """The clients of a txmgr contender, once its manager is checked and each
+    participant's pool holds a connection per client."""
+    tm.check()  # Paxos mode: one acceptor down is logged there, not raised
+    for p in dsns:
+        tm.participant(p).pool().wait()
+    names = list(dsns)
+
+    def one(moves: Moves) -> None:
+        with tm.transaction() as tx:
+            for name, params in zip(names, moves, strict=True):
+                tx.connection(name).execute(UPDATE, params)
+
+    return [one] * clients
 
 
 class _DecisionCounter(txmgr.Hooks):
@@ -306,19 +313,10 @@ class TxmgrPaxos(Contender):
             dsns, log=log, pool_min_size=clients, pool_max_size=clients + 2,
             hooks=self._counter,
         )
-        tm.check()  # one acceptor down is logged there, not raised
-        for p in dsns:
-            tm.participant(p).pool().wait()
+        ready = _txmgr_clients(tm, dsns, clients)
         log.slots()  # opens the acceptors' pools: they fill during the warm-up
         self._two_phase = len(dsns) > 1
-        names = list(dsns)
-
-        def one(moves: Moves) -> None:
-            with tm.transaction() as tx:
-                for name, params in zip(names, moves, strict=True):
-                    tx.connection(name).execute(UPDATE, params)
-
-        return [one] * clients
+        return ready
 
     def check(self, committed: int) -> list[str]:
         assert self._tm is not None

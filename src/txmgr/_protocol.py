@@ -379,11 +379,7 @@ class TransactionCore:
             yield from decision.cancel()
             e = decision.error
             if isinstance(e, psycopg.errors.UndefinedTable):
-                yield from self._rollback_branches(self.branches.values())
-                self.state = TransactionState.ROLLED_BACK
-                raise LogSchemaError(
-                    "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
-                ) from None
+                yield from self._abort_no_log_tables()
             yield from self._abort(f"could not open the decision in the log: {e}", e)
         lxid = decision.lxid
         logid = tm.known_logid()
@@ -569,11 +565,7 @@ class TransactionCore:
             return
         if isinstance(job.error, psycopg.errors.UndefinedTable):  # L rolled back
             decision.forget_later()
-            yield from self._rollback_branches(self.branches.values())
-            self.state = TransactionState.ROLLED_BACK
-            raise LogSchemaError(
-                "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
-            ) from None
+            yield from self._abort_no_log_tables()
         error: BaseException = job.error or TransactionAborted(
             f"the decision transaction had failed: COMMIT answered {job.tag!r}", txid=self.txid
         )
@@ -606,6 +598,14 @@ class TransactionCore:
             "or on none, and `txmgr recover` or the daemon will finish it",
             txid=self.txid,
         ) from error
+
+    def _abort_no_log_tables(self) -> Step[NoReturn]:
+        """Roll back every branch: the decision log lacks its tables (say how to fix it)."""
+        yield from self._rollback_branches(self.branches.values())
+        self.state = TransactionState.ROLLED_BACK
+        raise LogSchemaError(
+            "the decision log has no txmgr tables: run `txmgr migrate --config FILE`"
+        ) from None
 
     def _abort_unproposed(self, message: str, cause: BaseException | None) -> Step[NoReturn]:
         """Paxos mode, before proposing: abort, and delete the registration later —

@@ -112,6 +112,41 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     return str(logid)
 
 
+#: What every ``L`` outside a dedicated log session runs with. The decision must
+#: survive a crash of the log server before anybody is told it is committed,
+#: whatever the server default says; and a coordinator that hangs inside the
+#: protocol is aborted by the server itself, so in-doubt branches never wait on
+#: a dead process forever. (PostgreSQL 15 did not arm that timer when the SET
+#: came through a pipeline of the extended protocol; the simple protocol works.)
+_L_SETTINGS = (
+    "SET LOCAL synchronous_commit = on; SET LOCAL idle_in_transaction_session_timeout = {}"
+)
+
+
+def _timeout_ms(idle_timeout: float) -> int:
+    return max(1, int(idle_timeout * 1000))
+
+
+def _decision_row(
+    txid: str, participants: Sequence[str], forget: Sequence[str], *, returning: str = ""
+) -> list[sql.Composable]:
+    """Delete the rows of ``forget``, insert ``txid``'s (``L``'s xid as its lxid)."""
+    parts: list[sql.Composable] = []
+    if forget:
+        parts.append(
+            sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
+                sql.Literal(list(forget))
+            )
+        )
+    parts.append(
+        sql.SQL(
+            "INSERT INTO txmgr_decision (txid, lxid, participants) "
+            "VALUES ({}, pg_current_xact_id(), {}::text[])" + returning
+        ).format(sql.Literal(txid), sql.Literal(list(participants)))
+    )
+    return parts
+
+
 def decision_query(
     txid: str,
     participants: Sequence[str],
@@ -129,44 +164,19 @@ def decision_query(
     ``session_settings``: the session already runs with :func:`log_session_options`
     (a dedicated log connection), so the two ``SET LOCAL`` are not needed.
     """
-    timeout_ms = max(1, int(idle_timeout * 1000))
     parts: list[sql.Composable] = []
     if begin:
         parts.append(sql.SQL("BEGIN"))
     if not session_settings:
-        # The decision must survive a crash of the log server before anybody is
-        # told it is committed, whatever the server default says.
-        parts.append(sql.SQL("SET LOCAL synchronous_commit = on"))
-        # A coordinator that hangs inside the protocol is aborted by the server
-        # itself, so in-doubt branches never wait on a dead process forever.
-        # (PostgreSQL 15 did not arm this timer when the SET came through a
-        # pipeline of the extended protocol; the simple protocol works.)
-        parts.append(
-            sql.SQL("SET LOCAL idle_in_transaction_session_timeout = {}").format(
-                sql.Literal(timeout_ms)
-            )
-        )
-    if forget:
-        parts.append(
-            sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
-                sql.Literal(list(forget))
-            )
-        )
-    parts.append(
-        sql.SQL(
-            "INSERT INTO txmgr_decision (txid, lxid, participants) "
-            "VALUES ({}, pg_current_xact_id(), {}::text[]) RETURNING lxid::text"
-        ).format(sql.Literal(txid), sql.Literal(list(participants)))
-    )
+        parts.append(sql.SQL(_L_SETTINGS).format(sql.Literal(_timeout_ms(idle_timeout))))
+    parts += _decision_row(txid, participants, forget, returning=" RETURNING lxid::text")
     return sql.SQL("; ").join(parts)
 
 
 def decision_settings(idle_timeout: float) -> bytes:
     """The two ``SET LOCAL`` every ``L`` on a log participant's branch needs (see
     :func:`decision_query`), as a prefix for a query sent before any PREPARE."""
-    timeout_ms = max(1, int(idle_timeout * 1000))
-    return (b"SET LOCAL synchronous_commit = on; "
-            b"SET LOCAL idle_in_transaction_session_timeout = %d; " % timeout_ms)
+    return (_L_SETTINGS.format(_timeout_ms(idle_timeout)) + "; ").encode()
 
 
 def decide_query(txid: str, participants: Sequence[str], *, forget: Sequence[str] = ()
@@ -176,30 +186,16 @@ def decide_query(txid: str, participants: Sequence[str], *, forget: Sequence[str
     its settings (:func:`decision_settings`). The row is part of ``L`` whether
     inserted first or last: ``L``'s commit is the decision either way. If the
     INSERT fails, the COMMIT is not run and ``L`` is left failed (rolled back)."""
-    parts: list[sql.Composable] = []
-    if forget:
-        parts.append(
-            sql.SQL("DELETE FROM txmgr_decision WHERE txid = ANY({}::text[])").format(
-                sql.Literal(list(forget))
-            )
-        )
-    parts.append(
-        sql.SQL(
-            "INSERT INTO txmgr_decision (txid, lxid, participants) "
-            "VALUES ({}, pg_current_xact_id(), {}::text[])"
-        ).format(sql.Literal(txid), sql.Literal(list(participants)))
-    )
-    parts.append(sql.SQL("COMMIT"))
-    return sql.SQL("; ").join(parts)
+    return sql.SQL("; ").join([*_decision_row(txid, participants, forget), sql.SQL("COMMIT")])
 
 
 def log_session_options(dsn: str, idle_timeout: float) -> str:
     """libpq ``options`` for a dedicated log connection: the settings every decision
     needs, for the whole session (it runs nothing else), after the DSN's own."""
-    timeout_ms = max(1, int(idle_timeout * 1000))
     return session_options(
         dsn,
-        {"synchronous_commit": "on", "idle_in_transaction_session_timeout": str(timeout_ms)},
+        {"synchronous_commit": "on",
+         "idle_in_transaction_session_timeout": str(_timeout_ms(idle_timeout))},
     )
 
 

@@ -69,6 +69,8 @@ from txmgr.paxos._links import AcceptorLink, Collector
 from txmgr.paxos._round import (
     Registration,
     by_incarnation,
+    registered_by_quorum,
+    registration_failed,
     reply_of,
     run_round,
     straggler_done,
@@ -313,14 +315,10 @@ class PaxosLog:
     def _register_ahead(self, count: int) -> None:
         txids = [new_txid() for _ in range(count)]
         sent = time.monotonic()
-        q = self.quorum
-
-        def enough(answers: list[Answer]) -> bool:
-            return sum(1 for a in answers if reply_of(a, txids[0]).status == "ok") >= q
-
         # Wait for the acceptors beyond the quorum: every voter more is one
         # more log database these transactions survive losing.
-        results = run_round(self, register_many_query(txids), enough=enough,
+        results = run_round(self, register_many_query(txids),
+                            enough=registered_by_quorum(self, txids[0]),
                             linger=max(self.linger, self.ahead_linger))
         for txid in txids:
             voters = registered_voters(by_incarnation(results, txid), len(self.links))
@@ -329,15 +327,9 @@ class PaxosLog:
             else:
                 self._ready.append((txid, voters, sent))
         if not self._ready:
-            problems = [f"{mask(link.dsn)}: {r}" for link, r in results if isinstance(r, str)]
-            problems += [f"{mask(link.dsn)}: resting after an error ({link.last_error})"
-                         for link in self.links if all(k is not link for k, _ in results)]
             answered = sum(1 for _, r in results if isinstance(r, Answer))
-            raise LogQuorumUnavailable(
-                f"only {answered} of {len(self.links)} Paxos log databases could register "
-                f"transactions, {q} are needed; nothing was prepared: " + "; ".join(problems),
-                answered=answered, needed=q, problems=problems,
-            )
+            raise registration_failed(self, results, answered=answered, what="",
+                                      registered="transactions")
 
     def _take_unused(self) -> list[str]:
         with self._ahead_lock:

@@ -24,7 +24,17 @@ from txmgr.paxos._core import Reply, Voters, registered_voters
 from txmgr.paxos._errors import LogQuorumUnavailable
 from txmgr.paxos._links import AcceptorLink, Collector
 
-__all__ = ["Links", "Registration", "Result", "Round", "by_incarnation", "reply_of", "run_round"]
+__all__ = [
+    "Links",
+    "Registration",
+    "Result",
+    "Round",
+    "by_incarnation",
+    "registered_by_quorum",
+    "registration_failed",
+    "reply_of",
+    "run_round",
+]
 
 logger = logging.getLogger("txmgr.paxos")
 
@@ -195,12 +205,7 @@ class Registration:
     def __init__(self, log: Links, txid: str) -> None:
         self._log = log
         self.txid = txid
-        q = log.quorum
-
-        def enough(answers: list[Answer]) -> bool:
-            return sum(1 for a in answers if reply_of(a, txid).status == "ok") >= q
-
-        self._round = Round(log, register_query(txid), enough)
+        self._round = Round(log, register_query(txid), registered_by_quorum(log, txid))
         self.jobs = self._round.jobs
 
     def enough(self, finished: Sequence[Job]) -> bool:
@@ -219,13 +224,31 @@ class Registration:
         voters = registered_voters(replies, len(log.links))
         if voters is not None:
             return voters
-        problems = [f"{mask(link.dsn)}: {r}" for link, r in results if isinstance(r, str)]
-        problems += [f"{mask(link.dsn)}: resting after an error ({link.last_error})"
-                     for link in log.links if all(k is not link for k, _ in results)]
         answered = sum(1 for r in replies.values() if r.status == "ok")
-        raise LogQuorumUnavailable(
-            f"transaction {txid}: only {answered} of {len(log.links)} Paxos log databases "
-            f"could register it, {log.quorum} are needed; nothing was prepared: "
-            + "; ".join(problems),
-            answered=answered, needed=log.quorum, problems=problems,
-        )
+        raise registration_failed(log, results, answered=answered,
+                                  what=f"transaction {txid}: ", registered="it")
+
+
+def registered_by_quorum(log: Links, txid: str) -> Callable[[list[Answer]], bool]:
+    """A registration round's ``enough``: a majority of the log created ``txid``'s slot."""
+    q = log.quorum
+
+    def enough(answers: list[Answer]) -> bool:
+        return sum(1 for a in answers if reply_of(a, txid).status == "ok") >= q
+
+    return enough
+
+
+def registration_failed(
+    log: Links, results: list[Result], *, answered: int, what: str, registered: str
+) -> LogQuorumUnavailable:
+    """The error of a registration round that fewer than a majority answered:
+    what each log database that did not register said, or why it was not asked."""
+    problems = [f"{mask(link.dsn)}: {r}" for link, r in results if isinstance(r, str)]
+    problems += [f"{mask(link.dsn)}: resting after an error ({link.last_error})"
+                 for link in log.links if all(k is not link for k, _ in results)]
+    return LogQuorumUnavailable(
+        f"{what}only {answered} of {len(log.links)} Paxos log databases could register "
+        f"{registered}, {log.quorum} are needed; nothing was prepared: " + "; ".join(problems),
+        answered=answered, needed=log.quorum, problems=problems,
+    )

@@ -623,14 +623,16 @@ def test_registrations_expired_unused_are_deleted_by_the_next_decision(
 def test_take_with_one_log_database_down_and_two(
     acceptor_dsns: list[str], logs: list[PaxosLog]
 ) -> None:
-    proxy = proxy_for(acceptor_dsns[2])
+    proxy, watch = proxy_for(acceptor_dsns[2]), proxy_for(acceptor_dsns[0])
     try:
-        dsns = [acceptor_dsns[0], acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])]
+        dsns = [watch.dsn(acceptor_dsns[0]), acceptor_dsns[1], proxy.dsn(acceptor_dsns[2])]
         log = open_log(logs, dsns, linger=0.05, ballot0_to="majority")
         proxy.stop()
         t, voters = log.take()
         assert len(voters) == 2 and voters.quorum == 2
         assert log.propose_commit(t, voters, ["orders", "billing"]).commits
+        first = t  # finished: deleted by the next decision's statement
+        seen = watch.add_rule(first, "delay", times=None)  # counts statements naming it
         done = [t]
         for _ in range(5):
             t, voters = log.take()
@@ -638,9 +640,11 @@ def test_take_with_one_log_database_down_and_two(
             done = [t]
         # The deletions the dead database misses wait for it, and only for it:
         # they do not ride along to the others on every statement.
+        assert seen.hits == 1
         assert [len(owed) for owed in log._owed] == [0, 0, 5]
     finally:
         proxy.stop()
+        watch.stop()
     with psycopg.connect(acceptor_dsns[1], autocommit=True) as conn:
         conn.execute(sql.SQL("DROP TABLE txmgr_paxos_acceptor CASCADE"))
     other = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], dsns[2]], linger=0.05)

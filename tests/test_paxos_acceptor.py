@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -30,6 +31,7 @@ from txmgr.errors import ConfigError, LogSchemaError
 from txmgr.paxos import LogQuorumUnavailable, PaxosLog, Value, Voters
 from txmgr.paxos._acceptor import (
     Answer,
+    accept_many_query,
     accept_query,
     encode,
     forget_query,
@@ -121,8 +123,27 @@ def test_sql_acceptor_agrees_with_the_pure_rules(make_database: MakeDatabase) ->
         incarnation = read_incarnation(conn, dsn)
         for step in range(400):
             op = rng.choice(["register", "register_many", "prepare", "accept", "accept",
-                             "forget", "forget_all"])
+                             "accept_many", "forget", "forget_all"])
             t = rng.choice(txids)
+            if op == "accept_many":  # combined commits: the rule for each txid, one ballot,
+                # and the deletions riding along (other txids only)
+                batch = rng.sample(txids, rng.randint(1, len(txids)))
+                b = rng.choice(ballots)
+                accepts = [(x, rng.choice(values)) for x in batch]
+                gone = [x for x in txids if x not in batch and rng.random() < 0.3]
+                answer = run(conn, accept_many_query(accepts, b, forget=gone))
+                assert answer.incarnation == incarnation
+                assert sorted(answer.replies) == sorted(batch)
+                for x in gone:
+                    model.pop(x, None)
+                for x, v in accepts:
+                    new_slot, want = rules.accept(model.get(x), b, v)
+                    assert answer.replies[x] == want, (step, op, x)
+                    if new_slot is not None:
+                        model[x] = new_slot
+                everything = run(conn, read_query(txids)).replies
+                assert {x: r.slot for x, r in everything.items() if r.status == "ok"} == model
+                continue
             if op == "register_many":  # the same rule for each txid, in one statement
                 batch = rng.sample(txids, rng.randint(1, len(txids)))
                 answer = run(conn, register_many_query(batch))
@@ -196,6 +217,41 @@ def test_registration_commits_asynchronously_and_decisions_durably(
         assert conn is not None
         try:
             assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        finally:
+            log.links[0].release(conn, broken=False)
+    finally:
+        log.close()
+
+
+def test_the_acceptor_statements_find_slots_by_key(make_database: MakeDatabase) -> None:
+    # With the statistics of a small table, generic plans would scan it whole
+    # on every statement (and it grows with dead rows between vacuums); the
+    # sessions of a PaxosLog keep them to lookups by txid.
+    dsn = make_database()
+    install(dsn)
+    txids = [new_txid() for _ in range(1000)]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        run(conn, register_many_query(txids))
+        conn.execute("ANALYZE txmgr_paxos")
+    statements = [
+        accept_query(txids[0], 0, COMMIT, forget=txids[1:3]),
+        accept_many_query([(txids[3], COMMIT), (txids[4], ABORT)], 0, forget=txids[5:7]),
+        prepare_query(txids[8], 5),
+        read_query(txids[9:12]),
+        forget_query(txids[12:15], keep_commit=True),
+        register_many_query([new_txid(), txids[16]]),
+    ]
+    log = PaxosLog([dsn, dsn + "_b", dsn + "_c"], connect_timeout=5)
+    try:
+        conn = log.links[0].checkout(5)
+        assert conn is not None
+        try:
+            run(conn, read_query([txids[0]]))  # prepares the statements
+            for statement in statements:
+                body = statement.as_string(conn).split("EXECUTE ", 1)[1]
+                plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE {body}"))
+                assert "Seq Scan on txmgr_paxos " not in plan, plan
+                assert "Index Scan using txmgr_paxos_pkey" in plan, plan
         finally:
             log.links[0].release(conn, broken=False)
     finally:
@@ -458,6 +514,36 @@ def test_a_log_database_stopped_and_started_again(
     assert state.error is None and state.slots.get(t, Slot()) in (Slot(), Slot(0, 0, COMMIT))
     t2 = new_txid()
     assert len(again.begin(t2)) == 3
+
+
+def test_a_log_database_back_from_an_outage_votes_again_without_the_pools_backoff(
+    acceptor_dsns: list[str], logs: list[PaxosLog], crash_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # psycopg_pool retries a lost server after a backoff that doubles (to
+    # minutes in a long outage); here it is made an hour from the start, so
+    # only txmgr's own probe can bring the log database back within the test.
+    monkeypatch.setattr(psycopg_pool.base.AttemptWithBackoff, "INITIAL_DELAY", 3600.0)
+    private = crash_server.create_database()
+    install(private)
+    log = open_log(logs, [acceptor_dsns[0], acceptor_dsns[1], private], linger=0.5)
+    assert len(log.begin(new_txid())) == 3
+    link = log.links[2]
+    pools = link.pools
+    crash_server.stop(mode="immediate")
+    # Down: registrations go on with the other two; it rests and is probed.
+    # Once the probe failed twice, the pool's own attempts (the one a round's
+    # request for a connection starts, too) have failed: they wait an hour.
+    wait_until(lambda: len(log.begin(new_txid())) == 2 and link.probes >= 2)
+    assert not link.healthy
+    crash_server.restart()
+    # Back: a probe connects, the link gets a fresh pool, and registrations
+    # name three voters again.
+    wait_until(lambda: len(log.begin(new_txid())) == 3)
+    assert link.healthy and link.pools > pools
+    t = new_txid()
+    voters = log.begin(t)
+    assert log.propose_commit(t, voters, ["orders", "billing"]).commits
 
 
 def test_a_wiped_log_database_does_not_vote_on_older_transactions(

@@ -27,8 +27,14 @@ from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
 from support import START, MakeBank, query
-from txmgr.paxos._acceptor import PREPARE_ALL, STATEMENTS, accept_query, register_query
-from txmgr.paxos._core import Value
+from txmgr.paxos._acceptor import (
+    PREPARE_ALL,
+    STATEMENTS,
+    accept_many_query,
+    accept_query,
+    register_query,
+)
+from txmgr.paxos._core import ABORT, Value
 from txmgr.testing import Server
 from txmgr.testing.pytest_plugin import MakeDatabase
 from txmgr.torture import KINDS, PAXOS_KINDS, TortureOptions, run_torture, schedule
@@ -106,6 +112,9 @@ def test_the_accept_pattern_matches_the_acceptors_accept_only() -> None:
     txid = "0123456789abcdef"
     accept = accept_query(txid, 0, Value.commit(["bank1", "bank2"])).as_string(None)
     assert re.search(ACCEPT_PATTERN, accept, re.IGNORECASE)
+    assert f"{ACCEPT_STATEMENT}_many" in STATEMENTS
+    combined = accept_many_query([(txid, Value.commit(["bank1"])), ("f" * 16, ABORT)], 0)
+    assert re.search(ACCEPT_PATTERN, combined.as_string(None), re.IGNORECASE)
     # Not the statements every session prepares first, nor a registration.
     assert not re.search(ACCEPT_PATTERN, PREPARE_ALL.decode(), re.IGNORECASE)
     assert not re.search(ACCEPT_PATTERN, register_query(txid).as_string(None), re.IGNORECASE)

@@ -9,7 +9,9 @@ on the newest row version, when two proposers race) makes it atomic:
   ``synchronous_commit = off`` (see the core's safety argument);
 - promise (phase 1, b): ``UPDATE … SET promised = b WHERE txid = T AND promised < b``;
 - accept (phase 2, b, v): ``UPDATE … SET promised = b, accepted = (b, v)
-  WHERE txid = T AND promised <= b``;
+  WHERE txid = T AND promised <= b`` — also for several txids at one ballot
+  (``UPDATE … FROM unnest(…)``, the same condition on each row: the
+  coordinator's combined commits);
 - forget: ``DELETE … WHERE txid = ANY(…) [AND accepted_value IS DISTINCT FROM 'commit']``.
 
 Everything but registration commits with ``synchronous_commit = on`` before
@@ -21,8 +23,9 @@ saw under the row lock); in a "rejected" answer it is the row as the
 statement's snapshot saw it, which only informs the next ballot.
 
 The statements are prepared once per session (planning them cost more than
-running them) and executed through the simple protocol, every argument quoted
-by psycopg (``sql.Literal``); registration behind a
+running them; the session's settings keep their generic plans to key
+lookups) and executed through the simple protocol, every argument quoted by
+psycopg (``sql.Literal``); registration behind a
 ``SET LOCAL synchronous_commit = off``.
 """
 
@@ -45,6 +48,7 @@ from txmgr.paxos._core import ABORT, Reply, Request, Slot, Value
 __all__ = [
     "PREPARE_ALL",
     "Answer",
+    "accept_many_query",
     "accept_query",
     "encode",
     "forget_query",
@@ -113,6 +117,29 @@ STATEMENTS: dict[str, tuple[str, str]] = {
         "UPDATE txmgr_paxos SET promised = $2, accepted_ballot = $2, accepted_value = $3, "
         "participants = $4 WHERE txid = $1 AND promised <= $2", "gone",
         before="gone AS (DELETE FROM txmgr_paxos WHERE txid = ANY($5) AND txid <> $1), ")),
+    # Phase 2 for many txids at one ballot (the ballot-0 commits of concurrent
+    # transactions, combined: see PaxosLog): each row follows the accept rule
+    # on its own, as if the statements had run one after the other. $3/$4:
+    # each txid's value and participants (comma-separated: participant names
+    # never contain a comma).
+    "txmgr_paxos_accept_many": ("text[], bigint, text[], text[], text[]", (
+        "WITH gone AS (DELETE FROM txmgr_paxos WHERE txid = ANY($5) AND txid <> ALL($1)), "
+        "ch AS (UPDATE txmgr_paxos s SET promised = $2, accepted_ballot = $2, "
+        " accepted_value = x.kind, participants = string_to_array(x.parts, ',') "
+        " FROM unnest($1, $3, $4) AS x(txid, kind, parts) "
+        " WHERE s.txid = x.txid AND s.promised <= $2 RETURNING "
+        f"{', '.join('s.' + c for c in _SLOT.split(', '))}) "
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        " SELECT t.txid, CASE WHEN c.txid IS NOT NULL THEN 'ok' "
+        "  WHEN p.txid IS NOT NULL THEN 'rejected' ELSE 'gone' END AS status, "
+        "  coalesce(c.promised, p.promised) AS promised, "
+        "  coalesce(c.accepted_ballot, p.accepted_ballot) AS accepted_ballot, "
+        "  coalesce(c.accepted_value, p.accepted_value) AS accepted_value, "
+        "  coalesce(c.participants, p.participants) AS participants, "
+        "  coalesce(c.created_at, p.created_at) AS created_at "
+        " FROM unnest($1) AS t(txid) LEFT JOIN ch c ON c.txid = t.txid "
+        " LEFT JOIN txmgr_paxos p ON p.txid = t.txid AND c.txid IS NULL) s"
+    )),
     "txmgr_paxos_forget": ("text[], boolean, float8", (
         "WITH del AS (DELETE FROM txmgr_paxos WHERE txid = ANY($1) "
         " AND (NOT $2 OR accepted_value IS DISTINCT FROM 'commit') "
@@ -196,6 +223,19 @@ def accept_query(
     ``forget``: finished transactions whose slots the same statement deletes."""
     participants = list(value.participants) if value.kind == "commit" else None
     return _execute("txmgr_paxos_accept", txid, ballot, value.kind, participants, list(forget))
+
+
+def accept_many_query(
+    accepts: Sequence[tuple[str, Value]], ballot: int, *, forget: Sequence[str] = ()
+) -> sql.Composed:
+    """:func:`accept_query` for several ``(txid, value)`` at one ballot, in one
+    statement (the same rule for each txid, and one commit for all)."""
+    return _execute(
+        "txmgr_paxos_accept_many", [t for t, _ in accepts], ballot,
+        [v.kind for _, v in accepts],
+        [",".join(v.participants) if v.kind == "commit" else None for _, v in accepts],
+        list(forget),
+    )
 
 
 def forget_query(

@@ -12,6 +12,13 @@ unanswered for :data:`SUSPECT_AFTER` — *rests*: rounds skip it for a backoff
 (0.5 s doubling up to 30 s), then probe it with an idle pooled connection
 only. A dead log database costs the commits nothing once noticed. Time only
 decides whom to wait for, never what is decided.
+
+One that cannot be connected to is also probed by a thread of its own, a
+connection attempt every :data:`PROBE_EVERY` seconds: psycopg_pool's own
+reconnection backs off to minutes during a long outage, and every transaction
+registered meanwhile has one voter fewer (and survives one failure fewer). When
+a probe connects, the link gets a fresh pool and its rest ends: the next rounds
+ask it again.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,23 +38,26 @@ import psycopg_pool
 
 from txmgr._dsn import mask, session_options
 from txmgr._multiplex import Job, _collect, _events
-from txmgr.participant import network_defaults
+from txmgr.participant import connect, network_defaults
 
-__all__ = ["SUSPECT_AFTER", "AcceptorLink", "Collector"]
+__all__ = ["PROBE_EVERY", "SUSPECT_AFTER", "AcceptorLink", "Collector"]
 
 logger = logging.getLogger("txmgr.paxos")
 
 REST_MIN, REST_MAX = 0.5, 30.0
 #: Seconds a statement may stay unanswered before its acceptor rests.
 SUSPECT_AFTER = 1.0
+#: Seconds between connection attempts to an acceptor that cannot be connected to.
+PROBE_EVERY = 1.0
 _SLICE = 0.05  # how long one wait for a pooled connection lasts before checking the pool
 
 
 class AcceptorLink:
     """One acceptor database: its pool and whether it is worth waiting for."""
 
-    __slots__ = ("_errors", "_lock", "_pool", "connect_timeout", "dsn", "healthy", "incarnation",
-                 "last_error", "max_size", "min_size", "rest", "rest_until")
+    __slots__ = ("_closed", "_errors", "_lock", "_origin", "_pool", "_prober", "connect_timeout",
+                 "dsn", "healthy", "incarnation", "last_error", "max_size", "min_size", "pools",
+                 "probes", "rest", "rest_until")
 
     def __init__(self, dsn: str, *, connect_timeout: float, min_size: int, max_size: int) -> None:
         self.dsn = dsn
@@ -61,6 +72,15 @@ class AcceptorLink:
         self.rest = 0.0  # current backoff
         self.rest_until = 0.0  # monotonic time before which rounds skip it
         self.last_error = ""
+        self.pools = 0  # pools opened so far (a probe that connects opens a fresh one)
+        self.probes = 0  # connection attempts of the probe so far
+        self._prober: threading.Thread | None = None
+        self._closed = False
+        # The pool each checked-out connection came from (the pool may be
+        # replaced while a connection is out).
+        self._origin: weakref.WeakKeyDictionary[
+            psycopg.Connection[Any], psycopg_pool.ConnectionPool[psycopg.Connection[Any]]
+        ] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<AcceptorLink {mask(self.dsn)} {'healthy' if self.healthy else 'resting'}>"
@@ -81,16 +101,24 @@ class AcceptorLink:
                         # The lock timeout keeps a round from hanging on a stuck
                         # row lock.
                         # A generic plan for the prepared statements: planning them
-                        # anew each time would cost more than running them.
+                        # anew each time would cost more than running them. Every
+                        # statement finds its slots by key, but with the statistics
+                        # of a small table a generic plan scans it whole — and it
+                        # grows with dead rows between vacuums: key lookups only
+                        # (no sequential scans, nested loops over the txid arrays;
+                        # no JIT, which the disabled plans' costs would trigger).
                         "options": session_options(self.dsn, {
                             "synchronous_commit": "on", "lock_timeout": "10s",
                             "plan_cache_mode": "force_generic_plan",
+                            "enable_seqscan": "off", "enable_hashjoin": "off",
+                            "enable_mergejoin": "off", "jit": "off",
                         }),
                     },
                     name="txmgr-paxos",
                     open=False,
                 )
                 self._pool.open(wait=False)
+                self.pools += 1
             return self._pool
 
     def resting(self, now: float) -> bool:
@@ -109,6 +137,8 @@ class AcceptorLink:
                     return None
                 continue
             self._errors = pool.get_stats().get("connections_errors", 0)
+            with self._lock:
+                self._origin[conn] = pool
             return conn
 
     def failing(self) -> bool:
@@ -123,13 +153,15 @@ class AcceptorLink:
     def release(self, conn: psycopg.Connection[Any], *, broken: bool) -> None:
         if broken and not conn.closed:
             conn.close()  # a query may still be in flight: never reuse the connection
-        pool = self._pool
-        if pool is None:  # closed meanwhile
+        with self._lock:
+            pool = self._origin.pop(conn, None)
+        if pool is None:
             conn.close()
         else:
-            pool.putconn(conn)
+            pool.putconn(conn)  # a pool closed meanwhile closes it
 
-    def failed(self, why: str) -> None:
+    def failed(self, why: str, *, unreachable: bool = False) -> None:
+        """It failed (``unreachable``: no connection could be made): it rests."""
         with self._lock:
             self.healthy = False
             self.rest = min(REST_MAX, max(REST_MIN, self.rest * 2))
@@ -137,6 +169,35 @@ class AcceptorLink:
             if why != self.last_error:
                 logger.warning("log database %s unavailable: %s", mask(self.dsn), why)
             self.last_error = why
+            if unreachable and self._prober is None and not self._closed:
+                self._prober = threading.Thread(target=self._probe, daemon=True,
+                                                name="txmgr-paxos-probe")
+                self._prober.start()
+
+    def _probe(self) -> None:
+        """Try to connect every PROBE_EVERY seconds; once it works, open a fresh pool."""
+        while True:
+            with self._lock:
+                if self._closed or self.healthy:
+                    self._prober = None
+                    return
+            started = time.monotonic()
+            self.probes += 1
+            try:
+                connect(self.dsn, "log", connect_timeout=self.connect_timeout).close()
+            except Exception:  # still unreachable (the rounds report why)
+                time.sleep(max(0.0, PROBE_EVERY - (time.monotonic() - started)))
+                continue
+            with self._lock:
+                old, self._pool = self._pool, None
+                self._errors = 0  # the fresh pool counts its own
+                self._prober = None
+                if not self._closed:
+                    self.rest_until = 0.0  # ask it again from the next round on
+            logger.info("log database %s accepts connections again", mask(self.dsn))
+            if old is not None:
+                old.close()  # its connections still out are closed when released
+            return
 
     def answered(self, incarnation: str) -> None:
         with self._lock:
@@ -154,6 +215,7 @@ class AcceptorLink:
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            self._closed = True
         if pool is not None:
             pool.close()
 

@@ -41,6 +41,7 @@ from txmgr.errors import ConfigError, LogSchemaError, ParticipantUnavailable
 from txmgr.participant import connect
 from txmgr.paxos._acceptor import (
     Answer,
+    accept_many_query,
     forget_query,
     query_for,
     read_query,
@@ -48,6 +49,7 @@ from txmgr.paxos._acceptor import (
     run_quorum,
     scan_query,
 )
+from txmgr.paxos._batch import Combiner
 from txmgr.paxos._core import (
     BALLOT0,
     MAX_ACCEPTORS,
@@ -139,7 +141,13 @@ class PaxosLog:
       not all accept within ``hedge_after`` seconds — a durable write per
       transaction less on the log databases; ``"all"`` sends it to every
       voter and moves on with the first majority (steadier tail latency when
-      a log database stalls, at the cost of that write).
+      a log database stalls, at the cost of that write);
+    - ``accept_rounds``: at most this many of the coordinator's commit rounds
+      (ballot 0) in flight at once; the commits of transactions that arrive
+      meanwhile wait and go together in one statement per log database (up to
+      ``accept_batch`` of them): one durable write for all. A lone commit is
+      sent at once. 1 combines the most; a round stuck on a stalling log
+      database (until ``hedge_after``) holds up the commits behind it.
     """
 
     def __init__(
@@ -157,6 +165,8 @@ class PaxosLog:
         ahead_linger: float = 1.0,
         ballot0_to: str = "majority",
         hedge_after: float = 0.2,
+        accept_rounds: int = 1,
+        accept_batch: int = 64,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -200,6 +210,10 @@ class PaxosLog:
                 f"PaxosLog: ballot0_to must be 'majority' or 'all', not {ballot0_to!r}")
         self.ballot0_to = ballot0_to
         self.hedge_after = hedge_after
+        if accept_rounds < 1 or accept_batch < 1:
+            raise ConfigError("PaxosLog: accept_rounds and accept_batch must be at least 1")
+        self._combiner: Combiner[_Accept, dict[str, Reply]] = Combiner(
+            self._accept, limit=accept_rounds, max_batch=accept_batch)
         # Finished txids whose slots a log database still holds because the
         # statement that deleted them elsewhere was not sent to it (ballot 0
         # to a majority): they ride on its next statement. Bounded: recovery
@@ -477,9 +491,15 @@ class PaxosLog:
                     replies: dict[str, Reply] = {}
                 else:
                     self._check_open()
-                    if request.op == "accept":
-                        replies = self._accept(request, voters, forget)
+                    if request.op == "accept" and request.ballot == BALLOT0:
+                        # The coordinator's commit: combined with those of
+                        # concurrent transactions (see _batch).
+                        replies = self._combiner.submit(_Accept(request, voters, forget),
+                                                        key=voters)
                         forget = ()  # rides on the first accept only
+                    elif request.op == "accept":
+                        replies = self._accept([_Accept(request, voters, forget)])[0]
+                        forget = ()
                     else:
                         # Reads and promises wait a moment for every voter: a commit
                         # accepted by one of them is then finished rather than aborted.
@@ -491,48 +511,63 @@ class PaxosLog:
             outcome: Outcome = stop.value
             return outcome
 
-    def _accept(self, request: Request, voters: Voters, forget: Sequence[str]
-                ) -> dict[str, Reply]:
-        """Phase 2: to every voter, or (ballot 0, ``ballot0_to="majority"``) to a
-        majority first and to the others only if that majority falls short."""
+    def _accept(self, accepts: Sequence[_Accept]) -> list[dict[str, Reply]]:
+        """Phase 2 for ``accepts`` (one ballot, the same voters; usually one, or the
+        coordinator's combined ballot-0 commits): to every voter, or (ballot 0,
+        ``ballot0_to="majority"``) to a majority first and to the others only for
+        the accepts that majority did not take. The replies to each, in order."""
+        voters, ballot = accepts[0].voters, accepts[0].request.ballot
+        forget = sorted({t for a in accepts for t in a.forget})
         q = voters.quorum
         now = time.monotonic()
         ready = [k for k in self.links if k.incarnation in voters and not k.resting(now)]
-        if request.ballot != BALLOT0 or self.ballot0_to != "majority" or len(ready) <= q:
-            return self._accept_on(request, None, voters, forget, 0)[0]
+        if ballot != BALLOT0 or self.ballot0_to != "majority" or len(ready) <= q:
+            replies, _ = self._accept_on(accepts, None, voters, forget, {})
+            return [replies[a.request.txid] for a in accepts]
         turn = self._turn = (self._turn + 1) % len(ready)  # a race only skews the spread
         first = (ready[turn:] + ready[:turn])[:q]
         rest = [k for k in self.links if k not in first]
-        replies, oks = self._accept_on(request, first, voters, forget, 0,
+        replies, oks = self._accept_on(accepts, first, voters, forget, {},
                                        timeout=self.hedge_after)
-        if oks >= q:
+        short = [a for a in accepts if oks[a.request.txid] < q]
+        if not short:
             self._owe(rest, forget)
-            return replies
-        more, _ = self._accept_on(request, rest, voters, forget, oks)
-        for inc, reply in more.items():
-            replies.setdefault(inc, reply)
-        return replies
+            return [replies[a.request.txid] for a in accepts]
+        more, _ = self._accept_on(short, rest, voters, forget, oks)
+        for txid, by_inc in more.items():
+            for inc, reply in by_inc.items():
+                replies[txid].setdefault(inc, reply)
+        return [replies[a.request.txid] for a in accepts]
 
     def _accept_on(
-        self, request: Request, only: list[AcceptorLink] | None, voters: Voters,
-        forget: Sequence[str], oks_before: int, *, timeout: float | None = None,
-    ) -> tuple[dict[str, Reply], int]:
-        """One accept round on ``only`` (None: every acceptor); its replies and oks.
-        What each asked log database is owed rides along, and is paid if it answers."""
+        self, accepts: Sequence[_Accept], only: list[AcceptorLink] | None, voters: Voters,
+        forget: Sequence[str], oks_before: Mapping[str, int], *, timeout: float | None = None,
+    ) -> tuple[dict[str, dict[str, Reply]], dict[str, int]]:
+        """One accept round on ``only`` (None: every acceptor); per txid its replies
+        and oks. What each asked log database is owed rides along, and is paid if
+        it answers."""
         asked = self.links if only is None else only
         owed = self._take_owed(asked)
         extra = sorted({t for ts in owed.values() for t in ts})
-        query = query_for(request, forget=[*forget, *extra])
-        need = voters.quorum - oks_before
-        results = run_round(self, query, enough=_oks(voters, request.txid, need),
-                            only=only, timeout=timeout)
+        first = accepts[0].request
+        if len(accepts) == 1:
+            query = query_for(first, forget=[*forget, *extra])
+        else:
+            query = accept_many_query(
+                [(a.request.txid, _value(a.request)) for a in accepts], first.ballot,
+                forget=[*forget, *extra])
+        need = {a.request.txid: voters.quorum - oks_before.get(a.request.txid, 0)
+                for a in accepts}
+        results = run_round(self, query, enough=_all_oks(voters, need), only=only,
+                            timeout=timeout)
         answered = {id(link) for link, r in results if isinstance(r, Answer)}
         unpaid = [k for k in asked if id(k) not in answered]
         for link in unpaid:
             self._owe([link], owed.get(id(link), []))
         self._owe(unpaid, forget)
-        replies = by_incarnation(results, request.txid)
-        oks = sum(1 for inc, r in replies.items() if inc in voters and r.status == "ok")
+        replies = {t: by_incarnation(results, t) for t in need}
+        oks = {t: sum(1 for inc, r in by_inc.items() if inc in voters and r.status == "ok")
+               for t, by_inc in replies.items()}
         return replies, oks
 
     def _take_owed(self, links: Sequence[AcceptorLink]) -> dict[int, list[str]]:
@@ -560,6 +595,30 @@ class PaxosLog:
 
 #: Finished txids kept per log database for deletion on its next statement.
 _MAX_OWED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Accept:
+    """One transaction's phase 2 request, with what its statement also deletes."""
+
+    request: Request
+    voters: Voters
+    forget: Sequence[str]
+
+
+def _value(request: Request) -> Value:
+    assert request.value is not None, "an accept request carries its value"
+    return request.value
+
+
+def _all_oks(voters: Voters, need: Mapping[str, int]) -> Callable[[list[Answer]], bool]:
+    """An accept round's ``enough``: each txid has its ``need`` voters' oks."""
+    def enough(answers: list[Answer]) -> bool:
+        return all(
+            sum(1 for a in answers if a.incarnation in voters
+                and reply_of(a, txid).status == "ok") >= n
+            for txid, n in need.items())
+    return enough
 
 
 def _oks(voters: Voters, txid: str, need: int) -> Callable[[list[Answer]], bool]:

@@ -78,7 +78,7 @@ def checkout(
         if conn is not None:
             held.append((link, conn))
         elif link.failing():
-            link.failed("cannot connect to it")
+            link.failed("cannot connect to it", unreachable=True)
         else:
             missing.append(link)
     deadline = time.monotonic() + log.connect_timeout
@@ -87,7 +87,7 @@ def checkout(
             continue  # busy or failing: not worth holding the round up
         conn = link.checkout(max(0.001, deadline - time.monotonic()))
         if conn is None:
-            link.failed("no connection could be had")
+            link.failed("no connection could be had", unreachable=link.failing())
         else:
             held.append((link, conn))
     return held

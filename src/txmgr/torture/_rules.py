@@ -32,12 +32,13 @@ PATTERNS = {
     "partition": r"^(PREPARE TRANSACTION|COMMIT PREPARED|COMMIT\s*;?\s*$)",
 }
 
-#: The acceptor statement of Paxos phase 2 — the coordinator's ballot-0 commit
-#: and recovery's accept — executed by name (``tests/test_torture.py`` checks
-#: that txmgr's acceptor still calls it that). Registration is never aimed at:
-#: how and when a coordinator registers is txmgr's business.
+#: The acceptor statements of Paxos phase 2 — the coordinator's ballot-0 commit
+#: (alone, or combined with concurrent ones: ``…_many``) and recovery's accept —
+#: executed by name (``tests/test_torture.py`` checks that txmgr's acceptor
+#: still calls them that). Registration is never aimed at: how and when a
+#: coordinator registers is txmgr's business.
 ACCEPT_STATEMENT = "txmgr_paxos_accept"
-ACCEPT_PATTERN = rf'\bEXECUTE\s+"?{ACCEPT_STATEMENT}"?\s*\('
+ACCEPT_PATTERN = rf'\bEXECUTE\s+"?{ACCEPT_STATEMENT}(_many)?"?\s*\('
 #: Every statement (a log database cut off from its clients).
 ANY_STATEMENT = r"\S"
 

@@ -25,6 +25,7 @@ import txmgr
 from frontends import FRONTS, Front, Manager, Tx
 from support import START, Bank, MakeBank, query
 from txmgr import TransactionState
+from txmgr._multiplex import StepTimeout
 from txmgr.testing.proxy import Action, FaultProxy
 
 pytestmark = pytest.mark.crash
@@ -258,10 +259,11 @@ def test_blackholed_participant_at_prepare(make_net: MakeNet) -> None:
     """A participant that stops answering while its PREPARE is in flight, its host
     still acknowledging every TCP segment (a frozen server, a stuck middlebox).
 
-    Measured: the coordinator waits until the connection closes, whatever the
-    TCP settings — keepalive probes are answered and no data stays
-    unacknowledged, so neither keepalives nor ``tcp_user_timeout`` end the wait
-    (the README's Limits say so). Atomicity holds meanwhile: the log server
+    Measured, without a step_timeout: the coordinator waits until the
+    connection closes, whatever the TCP settings — keepalive probes are
+    answered and no data stays unacknowledged, so neither keepalives nor
+    ``tcp_user_timeout`` end the wait (hence step_timeout, tested below).
+    Atomicity holds meanwhile: the log server
     aborts the idle decision transaction after ``log_idle_timeout``, and
     recovery rolls back the other, prepared branch while the coordinator still
     waits. When the connection finally breaks, the coordinator reports an abort.
@@ -273,7 +275,7 @@ def test_blackholed_participant_at_prepare(make_net: MakeNet) -> None:
     started = time.monotonic()
     outcome: list[Outcome] = []
     worker = threading.Thread(target=lambda: outcome.append(
-        net.transfer(dsn_params={"b": eager}, log_idle_timeout=1.0)))
+        net.transfer(dsn_params={"b": eager}, log_idle_timeout=1.0, step_timeout=None)))
     worker.start()
     try:
         wait_until(lambda: rule.hits == 1 and len(net.bank.prepared("a")) == 1)
@@ -293,6 +295,62 @@ def test_blackholed_participant_at_prepare(make_net: MakeNet) -> None:
     tx, err = outcome[0]
     assert isinstance(err, txmgr.TransactionAborted), err
     assert tx.state is TransactionState.ROLLED_BACK
+    net.assert_rolled_back()
+
+
+def step_timeout_in_chain(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, StepTimeout):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def test_a_participant_silent_at_prepare_is_given_up_after_step_timeout(
+    make_net: MakeNet,
+) -> None:
+    """As above, but with a step_timeout: the coordinator closes the silent
+    connection and aborts, rolling back the other branch itself."""
+    net = make_net()
+    rule = net.proxies["b"].add_rule(r"^PREPARE TRANSACTION", "blackhole")
+    tx, err = net.transfer(step_timeout=1.0)
+    assert rule.hits == 1
+    assert isinstance(err, txmgr.TransactionAborted), err
+    assert step_timeout_in_chain(err), err
+    assert tx.state is TransactionState.ROLLED_BACK
+    # Its PREPARE never reached "b"; "a" was rolled back by the coordinator.
+    net.assert_rolled_back()
+    assert net.recover().resolutions == []
+
+
+def test_a_participant_silent_at_commit_prepared_is_left_to_recovery_after_step_timeout(
+    make_net: MakeNet,
+) -> None:
+    net = make_net()
+    rule = net.proxies["b"].add_rule(r"^COMMIT PREPARED", "blackhole")
+    tx, err = net.transfer(step_timeout=1.0)
+    assert rule.hits == 1
+    assert err is None, err  # decided: committed, "b" is finished by recovery
+    assert tx.state is TransactionState.COMMITTED_PENDING
+    assert_prepared_branch(net, tx, "b")
+    report = net.recover()
+    assert (report.committed, report.rolled_back) == (1, 0)
+    net.assert_committed()
+
+
+def test_a_log_silent_at_the_decision_is_given_up_after_step_timeout(
+    make_net: MakeNet,
+) -> None:
+    """The decision's COMMIT is swallowed: after step_timeout the coordinator
+    closes L's connection — the server aborts L — and learns from the log, on a
+    new connection, that L never committed."""
+    net = make_net()
+    rule = net.proxies["log"].add_rule(DECISION_COMMIT, "blackhole")
+    tx, err = net.transfer(step_timeout=1.0)
+    assert rule.hits == 1
+    assert isinstance(err, txmgr.TransactionAborted), err
+    assert tx.state is TransactionState.ROLLED_BACK
+    assert net.recover().resolutions == []
     net.assert_rolled_back()
 
 

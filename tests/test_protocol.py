@@ -230,6 +230,24 @@ def test_from_config_file(bank: Bank, tmp_path: object) -> None:
     assert (bank.balance("a"), bank.balance("b")) == (START - 9, START + 9)
 
 
+def test_step_timeout_from_file_and_checked(tmp_path: object) -> None:
+    import pathlib
+
+    path = pathlib.Path(str(tmp_path)) / "txmgr.toml"
+    head = '[log]\ndsn = "postgresql://u@h/log"\n[participants]\na = "postgresql://u@h/a"\n'
+    path.write_text(head)
+    assert txmgr.Config.from_file(path).step_timeout is None  # the default: no limit
+    path.write_text(head + "[pool]\nstep_timeout = 2.5\n")
+    assert txmgr.Config.from_file(path).step_timeout == 2.5
+    for bad in ("0", "-1"):
+        path.write_text(head + f"[pool]\nstep_timeout = {bad}\n")
+        with pytest.raises(txmgr.ConfigError, match="step_timeout"):
+            txmgr.Config.from_file(path)
+    unlimited = txmgr.Config({"a": "postgresql://u@h/a"}, "postgresql://u@h/log",
+                             step_timeout=None)
+    assert unlimited.step_timeout is None
+
+
 def test_log_loss_only_matters_with_two_writers(bank: Bank) -> None:
     tm = bank.manager()
     with tm.transaction() as tx:  # the manager has checked and used the log

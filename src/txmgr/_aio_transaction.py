@@ -144,7 +144,7 @@ async def _drive(tm: _AsyncManager, step: Step[T]) -> T:
 async def _perform(tm: _AsyncManager, op: Op) -> Any:
     match op:
         case Run(jobs):
-            await run_all_async(jobs)
+            await run_all_async(jobs, timeout=tm.config.step_timeout)
         case Checkout(name):
             return await tm.participant(name).checkout()
         case Release(name, conn):

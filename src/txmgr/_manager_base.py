@@ -48,6 +48,7 @@ class ManagerBase(Generic[P]):
         pool_min_size: int = 1,
         pool_max_size: int = 10,
         connect_timeout: float = 10.0,
+        step_timeout: float | None = None,
         hooks: Hooks | None = None,
     ) -> None:
         config = Config(
@@ -57,6 +58,7 @@ class ManagerBase(Generic[P]):
             pool_min_size=pool_min_size,
             pool_max_size=pool_max_size,
             connect_timeout=connect_timeout,
+            step_timeout=step_timeout,
         )
         self._init(config, hooks)
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import pq, sql
 
-__all__ = ["AnyConnection", "Job", "literal", "run_all", "run_all_async", "run_quorum"]
+__all__ = ["AnyConnection", "Job", "StepTimeout", "literal", "run_all", "run_all_async",
+           "run_quorum"]
 
 # One selector per protocol step: poll needs no kernel object per call, where
 # epoll (the default) costs a create and close each time (measured: 8% of the
@@ -40,6 +41,17 @@ _Selector = getattr(selectors, "PollSelector", selectors.DefaultSelector)
 AnyConnection: TypeAlias = psycopg.BaseConnection[Any]
 
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
+
+
+class StepTimeout(psycopg.OperationalError):
+    """No answer within the step's time limit: the connection was closed.
+
+    A server that stopped answering while its host still acknowledges every
+    TCP segment (a frozen process, a stuck middlebox) never breaks the
+    connection by itself: neither keepalives nor ``tcp_user_timeout`` fire.
+    The query may still run on the server when it wakes up; the protocol
+    treats the connection as lost at that step, as if the network had cut it.
+    """
 
 
 def literal(value: str, conn: AnyConnection) -> bytes:
@@ -78,11 +90,31 @@ class Job:
         return f"<Job {self.query[:40]!r} rows={self.rows} error={self.error!r}>"
 
 
-def run_all(jobs: Sequence[Job]) -> None:
-    """Send every job's query, then wait for every answer (errors land in ``job.error``)."""
+def run_all(jobs: Sequence[Job], *, timeout: float | None = None) -> None:
+    """Send every job's query, then wait for every answer (errors land in ``job.error``);
+    with ``timeout``, at most that many seconds: then the connections still
+    without an answer are closed and their jobs fail with :class:`StepTimeout`."""
     pending = _send_all(jobs)
-    if pending:
+    if not pending:
+        return
+    if timeout is None:
         _wait(pending)
+        return
+    deadline = time.monotonic() + timeout
+    _wait(pending, seconds_left=lambda: deadline - time.monotonic())
+    _give_up(pending.values(), timeout)
+
+
+def _give_up(jobs: Iterable[Job], timeout: float) -> None:
+    """Fail ``jobs`` (unanswered after ``timeout`` seconds) and close their connections:
+    a query is still in flight on each, so it can never be used again. Closed by
+    libpq only, so psycopg reports the connection broken, as a lost one."""
+    for job in jobs:
+        job.error = job.error or StepTimeout(
+            f"no answer within {timeout:g}s (step_timeout): the connection was closed; "
+            "the server may be frozen or cut off, and may still run the statement"
+        )
+        job.conn.pgconn.finish()
 
 
 def run_quorum(
@@ -150,7 +182,7 @@ def _wait(
             sel.select(wait)
 
 
-async def run_all_async(jobs: Sequence[Job]) -> None:
+async def run_all_async(jobs: Sequence[Job], *, timeout: float | None = None) -> None:
     """:func:`run_all` for the event loop: the task waits, the loop goes on."""
     pending = _send_all(jobs)
     for fd, job in list(pending.items()):
@@ -184,11 +216,18 @@ async def run_all_async(jobs: Sequence[Job]) -> None:
             loop.add_reader(fd, ready, fd)
             if job.flushing:
                 loop.add_writer(fd, ready, fd)
-        await done
+        if timeout is None:
+            await done
+        else:
+            await asyncio.wait({done}, timeout=timeout)  # (never cancels ``done``)
+            if done.done():
+                done.result()  # raises what a reader callback raised
     finally:  # also when the task is cancelled: the loop must not call back later
         for fd in pending:
             loop.remove_reader(fd)
             loop.remove_writer(fd)
+    if pending and timeout is not None:  # (the readers are gone before the sockets)
+        _give_up(list(pending.values()), timeout)
 
 
 def _send_all(jobs: Sequence[Job]) -> dict[int, Job]:

@@ -69,6 +69,13 @@ class Config:
     pool_min_size: int = 1
     pool_max_size: int = 10
     connect_timeout: float = 10.0
+    #: Seconds a commit's protocol step (vote, PREPARE, decision, COMMIT
+    #: PREPARED) waits for a server's answer before it closes that connection
+    #: and goes on as if the network had cut it; None (the default) waits as
+    #: long as the connection lives. For servers that freeze while their host
+    #: still acknowledges TCP, which no keepalive notices. Off by default: a
+    #: PREPARE or COMMIT running long deferred triggers is not a dead server.
+    step_timeout: float | None = None
     recovery_interval: float = 10.0
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
@@ -102,6 +109,8 @@ class Config:
             _check_dsn("log", self.log)
         _positive("log idle_timeout", self.log_idle_timeout)
         _positive("connect_timeout", self.connect_timeout)
+        if self.step_timeout is not None:
+            _positive("step_timeout", self.step_timeout)
         _positive("recovery interval", self.recovery_interval)
         if self.pool_min_size < 0 or self.pool_max_size < max(1, self.pool_min_size):
             raise ConfigError(
@@ -190,7 +199,7 @@ class Config:
                 f"choose one of {sorted(participants)}"
             )
         pool = _table(data, "pool", where, required=False)
-        _only(pool, {"min_size", "max_size", "connect_timeout"}, "[pool]", where)
+        _only(pool, {"min_size", "max_size", "connect_timeout", "step_timeout"}, "[pool]", where)
         recovery = _table(data, "recovery", where, required=False)
         _only(recovery, {"interval"}, "[recovery]", where)
         metrics = _table(data, "metrics", where, required=False)
@@ -208,6 +217,8 @@ class Config:
                 pool_min_size=int(pool.get("min_size", 1)),
                 pool_max_size=int(pool.get("max_size", 10)),
                 connect_timeout=connect_timeout,
+                step_timeout=(float(pool["step_timeout"]) if "step_timeout" in pool
+                              else None),
                 recovery_interval=float(recovery.get("interval", 10.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
                 metrics_address=str(metrics.get("address", "127.0.0.1")),

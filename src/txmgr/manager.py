@@ -44,8 +44,10 @@ class TransactionManager(ManagerBase[Participant]):
     log databases decides; the manager closes it when it closes).
 
     Options: ``log_idle_timeout`` (seconds), ``pool_min_size``,
-    ``pool_max_size``, ``connect_timeout`` (seconds), ``hooks`` (a
-    :class:`txmgr.Hooks`); :meth:`from_config` reads them from a file.
+    ``pool_max_size``, ``connect_timeout`` (seconds), ``step_timeout``
+    (seconds a protocol step waits for a server's answer; default None, no
+    limit), ``hooks`` (a :class:`txmgr.Hooks`); :meth:`from_config` reads
+    them from a file.
     """
 
     def _init(self, config: Config, hooks: Hooks | None) -> None:

@@ -123,7 +123,7 @@ def _drive(tm: _Manager, step: Step[T]) -> T:
         result = error = None
         try:
             if type(op) is Run:  # most requests are: the cheapest test first
-                run_all(op.jobs)
+                run_all(op.jobs, timeout=tm.config.step_timeout)
             else:
                 result = _perform(tm, op)
         except BaseException as e:  # KeyboardInterrupt too: the step cleans up

@@ -249,7 +249,7 @@ def test_step_timeout_from_file_and_checked(tmp_path: object) -> None:
 
 
 def test_log_loss_only_matters_with_two_writers(bank: Bank) -> None:
-    tm = bank.manager()
+    tm = bank.manager(connect_timeout=1)  # the log's absence shows within a second
     with tm.transaction() as tx:  # the manager has checked and used the log
         move(tx, 1, "a", "b")
     logdb = psycopg.conninfo.conninfo_to_dict(bank.log_dsn)["dbname"]

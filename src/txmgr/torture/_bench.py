@@ -178,6 +178,7 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     spec: ClientSpec = {
         "participants": via_proxy, "log": log_setting, "accounts": options.accounts,
         "log_idle_timeout": options.log_idle_timeout, "connect_timeout": 3.0,
+        "threads": options.threads or 1,
     }  # fmt: skip
     client_spec = workdir / "client.json"
     client_spec.write_text(json.dumps(spec))

@@ -4,8 +4,10 @@ Run by the torture harness as ``python -m txmgr.torture.client SPEC --slot N
 --incarnation I --seed S --records FILE [--max-transfers K]``. SPEC is a JSON
 file: ``participants`` (name -> DSN), ``log`` (a DSN, a participant's name,
 or a list of DSNs: Paxos mode), ``accounts``, ``log_idle_timeout``,
-``connect_timeout``. The harness arms failpoints through ``TXMGR_FAILPOINTS``,
-may SIGKILL the process at any moment, and may freeze it (SIGSTOP) a while.
+``connect_timeout``, ``threads`` (transfers run at once, on one manager: in
+Paxos mode their commits share accept rounds). The harness arms failpoints
+through ``TXMGR_FAILPOINTS``, may SIGKILL the process at any moment, and
+may freeze it (SIGSTOP) a while.
 
 Every transfer is recorded (:mod:`txmgr.torture._records`) before it starts
 and once its outcome is known. SIGTERM ends the loop after the current
@@ -26,7 +28,7 @@ import threading
 import traceback
 from pathlib import Path
 from types import FrameType
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 from txmgr import failpoints
 from txmgr.errors import OutcomeUnknown, TransactionAborted
@@ -52,11 +54,19 @@ def _describe(e: BaseException) -> str:
 
 
 class _VoterHooks(Hooks):
-    """Remembers the Paxos voters the gids of the current transfer named (the
-    checker judges the acceptors' samples against them)."""
+    """Remembers the Paxos voters the gids of each thread's current transfer
+    named (the checker judges the acceptors' samples against them)."""
 
     def __init__(self) -> None:
-        self.voters: str | None = None  # "<quorum>:<incarnation>,…"
+        self._mine = threading.local()  # hooks run on the committing thread
+
+    @property
+    def voters(self) -> str | None:  # "<quorum>:<incarnation>,…"
+        return getattr(self._mine, "voters", None)
+
+    @voters.setter
+    def voters(self, value: str | None) -> None:
+        self._mine.voters = value
 
     def after_prepare(self, txid: str, participant: str, gid: str) -> None:
         parsed = PaxosGid.parse(gid)
@@ -126,6 +136,7 @@ class ClientSpec(TypedDict):
     accounts: int
     log_idle_timeout: float
     connect_timeout: float
+    threads: NotRequired[int]  # default 1
 
 
 def run(
@@ -138,41 +149,58 @@ def run(
     max_transfers: int | None,
     stop: threading.Event,
 ) -> int:
-    """The client loop; returns the number of transfers attempted."""
+    """The client loop (``threads`` of them); returns the number of transfers attempted."""
     participants = spec["participants"]
-    rng = random.Random(f"{seed}/{slot}/{incarnation}")
+    threads = spec.get("threads", 1)
     armed = dict(failpoints.active())
     log = spec["log"]
     hooks = _VoterHooks()
     tm = TransactionManager(
         participants,
-        PaxosLog(log, connect_timeout=spec["connect_timeout"], pool_max_size=4)
+        PaxosLog(log, connect_timeout=spec["connect_timeout"], pool_max_size=2 * threads + 2)
         if isinstance(log, list) else log,
         pool_min_size=1,
-        pool_max_size=2,
+        pool_max_size=threads + 1,
         connect_timeout=spec["connect_timeout"],
         log_idle_timeout=spec["log_idle_timeout"],
         hooks=hooks,
     )
     out = RecordWriter(records)
     names = sorted(participants)
-    done = 0
-    try:
-        while not stop.is_set() and (max_transfers is None or done < max_transfers):
-            done += 1
-            t = plan_transfer(rng, f"c{slot}.{incarnation}.{done}", names, spec["accounts"])
+    counts = [0] * threads
+
+    def loop(k: int) -> None:
+        rng = random.Random(f"{seed}/{slot}/{incarnation}" + (f"/{k}" if threads > 1 else ""))
+        prefix = f"c{slot}.{incarnation}." + (f"{k}." if threads > 1 else "")
+        while not stop.is_set() and (max_transfers is None or sum(counts) < max_transfers):
+            counts[k] += 1
+            t = plan_transfer(rng, f"{prefix}{counts[k]}", names, spec["accounts"])
             before = {name: failpoints.hits(name) for name in armed}
             outcome = _transfer(tm, t, out, hooks)
             for name, action in armed.items():
+                # (with threads, a hit may be seen by two transfers' windows: the
+                # records only need to show that the failpoint fired)
                 if failpoints.hits(name) > before[name]:
                     out.write("F", name, action)
             if outcome != "K":
                 # A server may be down: do not spin; but keep trying, that is the point.
                 stop.wait(rng.uniform(0.02, 0.2))
+
+    try:
+        workers = [threading.Thread(target=loop, args=(k,), name=f"transfers-{k}", daemon=True)
+                   for k in range(1, threads)]
+        for w in workers:
+            w.start()
+        try:
+            loop(0)
+        finally:
+            stop.set()  # the others finish their transfer and end
+            for w in workers:
+                w.join()
     finally:
         out.close()
         tm.close()
-    return done
+    return sum(counts)
 
 
 def main(argv: list[str] | None = None) -> int:

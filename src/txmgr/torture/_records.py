@@ -22,6 +22,7 @@ says was acknowledged really was.
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,15 +33,18 @@ __all__ = ["RecordWriter", "Records", "Voters", "read_records"]
 
 
 class RecordWriter:
-    """Appends record lines to one file, each durable before ``write`` returns."""
+    """Appends record lines to one file, each durable before ``write`` returns
+    (thread-safe: a client's threads share it, a line never interleaves)."""
 
     def __init__(self, path: Path) -> None:
         self._file: IO[str] = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
 
     def write(self, *fields: str) -> None:
-        self._file.write(" ".join(fields) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._lock:
+            self._file.write(" ".join(fields) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

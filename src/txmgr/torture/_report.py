@@ -21,6 +21,9 @@ class TortureOptions:
     seconds: float = 60.0
     seed: int | None = None  # None: a random seed, reported
     clients: int = 4
+    # Transfers each client runs at once on its one manager; None: 2 in Paxos
+    # mode (their commits share accept rounds, which faults then hit), else 1.
+    threads: int | None = None
     participants: int = 2
     log: Literal["dedicated", "participant", "paxos"] = "dedicated"
     accounts: int = 10
@@ -38,6 +41,10 @@ class TortureOptions:
             raise ValueError("participants must be 2 or 3")
         if self.clients < 1 or self.daemons < 1 or self.accounts < 1:
             raise ValueError("clients, daemons and accounts must be at least 1")
+        if self.threads is None:
+            object.__setattr__(self, "threads", 2 if self.log == "paxos" else 1)
+        elif self.threads < 1:
+            raise ValueError("threads must be at least 1")
         if self.log not in ("dedicated", "participant", "paxos"):
             raise ValueError("log must be 'dedicated', 'participant' or 'paxos'")
         if not self.seconds > 0:
@@ -103,7 +110,8 @@ class TortureReport:
         lines = [
             f"torture {'PASSED' if self.ok else 'FAILED'}: seed={self.seed} "
             f"participants={self.options.participants} log={self.options.log} "
-            f"clients={self.options.clients} nemesis={self.nemesis_seconds:.0f}s "
+            f"clients={self.options.clients}x{self.options.threads} "
+            f"nemesis={self.nemesis_seconds:.0f}s "
             f"total={self.duration:.0f}s",
             f"transfers: attempted={c.attempted} acked={c.acked} committed={c.committed} "
             f"aborted={c.aborted} unknown={c.unknown} (of which committed: "

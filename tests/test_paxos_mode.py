@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
@@ -24,6 +26,7 @@ from ops_support import DaemonProcess, metric, wait_for
 from support import KILLED_COORDINATOR, Bank, MakeBank, query, run_coordinator, transfer
 from txmgr.failpoints import CRASH_EXIT
 from txmgr.paxos import PAXOS_GID_PREFIX
+from txmgr.paxos._log import paxos_gid
 from txmgr.testing import Server
 from txmgr.testing.proxy import FaultProxy
 from txmgr.testing.pytest_plugin import MakeDatabase
@@ -268,6 +271,64 @@ def test_a_coordinator_killed_at_every_step_is_finished_as_decided(
     # Its slots are gone from every log database that answers.
     assert txid not in slot_txids(paxos_log(closing, dsns))
     assert recover(bank, closing, dsns).resolutions == []  # nothing left to do
+
+
+def test_a_commit_chosen_while_recovery_lists_the_branches_keeps_its_slots(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by the torture test (two transfers at once per client). Recovery
+    lists the participants one after another, then asks the log. A coordinator
+    may prepare its last branch after that branch's participant was listed and
+    have commit chosen before the log is asked: recovery then learns commit and
+    finishes the one branch it saw — and must not take the transaction for
+    finished and delete its slots, or the branch it did not see would later be
+    rolled back as forgotten."""
+    bank = make_bank()
+    coordinator = paxos_log(closing, acceptors)
+    txid, voters = coordinator.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    conns = {p: psycopg.connect(bank.dsns[p]) for p in ("a", "b")}
+    try:
+        conns["b"].execute("UPDATE accounts SET balance = balance + 30 WHERE id = 1")
+        conns["b"].execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gids["b"])))
+        conns["a"].execute("UPDATE accounts SET balance = balance - 30 WHERE id = 1")
+        recovery_log = paxos_log(closing, acceptors)
+        learn = recovery_log.learn
+
+        def racing_learn(found: dict[str, Any]) -> dict[str, Any]:
+            # Between recovery's listing and its question to the log, the
+            # coordinator prepares "a" and has commit chosen.
+            assert sorted(found) == [txid]
+            conns["a"].execute(sql.SQL("PREPARE TRANSACTION {}").format(
+                sql.Literal(gids["a"])))
+            assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits
+            return learn(found)
+
+        monkeypatch.setattr(recovery_log, "learn", racing_learn)
+        recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log),
+                                    paxos_grace=0)
+        try:
+            first = recoverer.run_pass()
+            assert first.committed == 1 and bank.balance("b") == 1030
+            assert txid in slot_txids(coordinator)  # "a" is prepared: the slots stay
+            monkeypatch.setattr(recovery_log, "learn", learn)
+            second = recoverer.run_pass()
+        finally:
+            recoverer.close()
+    finally:
+        for conn in conns.values():
+            conn.close()
+    assert (second.committed, second.rolled_back) == (1, 0)
+    assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
+    assert paxos_prepared(bank) == []
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log),
+                                paxos_grace=0)
+    try:
+        recoverer.run_pass()  # now the slots go: nothing is prepared any more
+    finally:
+        recoverer.close()
+    assert txid not in slot_txids(coordinator)
 
 
 def test_a_commit_hidden_by_a_log_database_down_is_finished_without_waiting(

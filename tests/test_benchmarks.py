@@ -64,7 +64,7 @@ def test_run_compares_every_contender_and_conserves_money(
     log = make_database(pg_servers[0])
     out = tmp_path / "bench.json"
     proc = _run(
-        "run.py", "--seconds", "3" if SOAK else "1", "--rounds", "1",
+        "run.py", "--seconds", "3" if SOAK else "0.5", "--rounds", "1",
         "--clients", "1,8" if SOAK else "1", "--participants", "2",
         "--dsns", ",".join(dsns), "--log-dsn", log, "--json", str(out),
     )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -19,9 +19,11 @@ import pytest
 
 import txmgr
 from support import MakeBank, query, transfer
+from test_paxos_mode import (  # the Paxos fixtures, shared with the other Paxos tests
+    acceptors,  # noqa: F401  (fixture)
+    closing,  # noqa: F401  (fixture)
+)
 from txmgr.paxos._batch import Combiner
-from txmgr.testing import Server
-from txmgr.testing.pytest_plugin import MakeDatabase
 
 PATIENCE = 30.0  # seconds a test waits for a state it needs before failing
 
@@ -153,20 +155,12 @@ def test_combiner_limits_are_checked() -> None:
 # -- against real servers -------------------------------------------------------------
 
 
-@pytest.fixture
-def acceptors(make_database: MakeDatabase, pg_servers: list[Server]) -> list[str]:
-    dsns = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
-    for dsn in dsns:
-        txmgr.migrate(dsn)
-    return dsns
-
-
 class HoldFirst(txmgr.Hooks):
     """Before the first transaction proposes commit, lock its slot on every log
     database (a transaction of the test's own), so that its accept round waits."""
 
-    def __init__(self, acceptors: list[str]) -> None:
-        self.acceptors = acceptors
+    def __init__(self, dsns: list[str]) -> None:
+        self.acceptors = dsns
         self.held: list[psycopg.Connection[Any]] = []
         self.first: str | None = None
         self._lock = threading.Lock()
@@ -187,16 +181,8 @@ class HoldFirst(txmgr.Hooks):
             conn.close()
 
 
-@pytest.fixture
-def closing() -> Iterator[list[Any]]:
-    made: list[Any] = []
-    yield made
-    for thing in reversed(made):
-        thing.close()
-
-
 def test_commits_that_arrive_during_an_accept_round_share_the_next_one(
-    make_bank: MakeBank, acceptors: list[str], closing: list[Any]
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any]  # noqa: F811
 ) -> None:
     bank = make_bank()
     hold = HoldFirst(acceptors)

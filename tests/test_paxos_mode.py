@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
-from ops_support import DaemonProcess, metric, wait_for
+from ops_support import DaemonProcess, metric, prepare_branch, wait_for
 from support import KILLED_COORDINATOR, Bank, MakeBank, query, run_coordinator, transfer
 from txmgr.failpoints import CRASH_EXIT
 from txmgr.paxos import PAXOS_GID_PREFIX
@@ -288,37 +286,31 @@ def test_a_commit_chosen_while_recovery_lists_the_branches_keeps_its_slots(
     coordinator = paxos_log(closing, acceptors)
     txid, voters = coordinator.take()
     gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
-    conns = {p: psycopg.connect(bank.dsns[p]) for p in ("a", "b")}
+    prepare_branch(bank.dsns["b"], gids["b"],
+                   ["UPDATE accounts SET balance = balance + 30 WHERE id = 1"])
+    recovery_log = paxos_log(closing, acceptors)
+    learn = recovery_log.learn
+
+    def racing_learn(found: dict[str, Any]) -> dict[str, Any]:
+        # Between recovery's listing and its question to the log, the
+        # coordinator prepares "a" and has commit chosen.
+        assert sorted(found) == [txid]
+        prepare_branch(bank.dsns["a"], gids["a"],
+                       ["UPDATE accounts SET balance = balance - 30 WHERE id = 1"])
+        assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits
+        return learn(found)
+
+    monkeypatch.setattr(recovery_log, "learn", racing_learn)
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log),
+                                paxos_grace=0)
     try:
-        conns["b"].execute("UPDATE accounts SET balance = balance + 30 WHERE id = 1")
-        conns["b"].execute(sql.SQL("PREPARE TRANSACTION {}").format(sql.Literal(gids["b"])))
-        conns["a"].execute("UPDATE accounts SET balance = balance - 30 WHERE id = 1")
-        recovery_log = paxos_log(closing, acceptors)
-        learn = recovery_log.learn
-
-        def racing_learn(found: dict[str, Any]) -> dict[str, Any]:
-            # Between recovery's listing and its question to the log, the
-            # coordinator prepares "a" and has commit chosen.
-            assert sorted(found) == [txid]
-            conns["a"].execute(sql.SQL("PREPARE TRANSACTION {}").format(
-                sql.Literal(gids["a"])))
-            assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits
-            return learn(found)
-
-        monkeypatch.setattr(recovery_log, "learn", racing_learn)
-        recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log),
-                                    paxos_grace=0)
-        try:
-            first = recoverer.run_pass()
-            assert first.committed == 1 and bank.balance("b") == 1030
-            assert txid in slot_txids(coordinator)  # "a" is prepared: the slots stay
-            monkeypatch.setattr(recovery_log, "learn", learn)
-            second = recoverer.run_pass()
-        finally:
-            recoverer.close()
+        first = recoverer.run_pass()
+        assert first.committed == 1 and bank.balance("b") == 1030
+        assert txid in slot_txids(coordinator)  # "a" is prepared: the slots stay
+        monkeypatch.setattr(recovery_log, "learn", learn)
+        second = recoverer.run_pass()
     finally:
-        for conn in conns.values():
-            conn.close()
+        recoverer.close()
     assert (second.committed, second.rolled_back) == (1, 0)
     assert (bank.balance("a"), bank.balance("b")) == (970, 1030)
     assert paxos_prepared(bank) == []

@@ -89,6 +89,24 @@ _ROWS = ("a.incarnation, s.txid, coalesce(s.status, 'gone'), s.promised::text, "
          "s.accepted_ballot::text, s.accepted_value, array_to_string(s.participants, ','), "
          "extract(epoch FROM now() - s.created_at)::float8")
 
+
+def _many(change: str, absent: str, *, before: str = "", table: str = "") -> str:
+    """:func:`_one` for the slots of the txids of the array $1, a row each;
+    ``table``: the alias ``change`` gives txmgr_paxos (its RETURNING names it)."""
+    columns = _SLOT.split(", ")
+    returning = ", ".join(f"{table}.{c}" if table else c for c in columns)
+    kept = ", ".join(f"coalesce(ch.{c}, p.{c}) AS {c}" for c in columns[1:])
+    return (
+        f"WITH {before}ch AS ({change} RETURNING {returning}) "
+        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        " SELECT t.txid, CASE WHEN ch.txid IS NOT NULL THEN 'ok' "
+        f"  WHEN p.txid IS NOT NULL THEN 'rejected' ELSE '{absent}' END AS status, {kept} "
+        " FROM unnest($1) AS t(txid) LEFT JOIN ch ON ch.txid = t.txid "
+        # p: the slot as the snapshot saw it, read only when nothing changed
+        " LEFT JOIN txmgr_paxos p ON p.txid = t.txid AND ch.txid IS NULL) s"
+    )
+
+
 #: name -> (argument types, statement)
 STATEMENTS: dict[str, tuple[str, str]] = {
     "txmgr_paxos_register": ("text", _one(
@@ -96,19 +114,9 @@ STATEMENTS: dict[str, tuple[str, str]] = {
         "rejected")),
     # Many slots at once (the coordinator registers ahead, see PaxosLog.take):
     # "ok" for each one created, "rejected" for one that existed.
-    "txmgr_paxos_register_many": ("text[]", (
-        f"WITH ins AS (INSERT INTO txmgr_paxos (txid) SELECT unnest($1) "
-        f" ON CONFLICT (txid) DO NOTHING RETURNING {_SLOT}) "
-        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
-        " SELECT t.txid, CASE WHEN i.txid IS NOT NULL THEN 'ok' ELSE 'rejected' END AS status, "
-        "  coalesce(i.promised, c.promised) AS promised, "
-        "  coalesce(i.accepted_ballot, c.accepted_ballot) AS accepted_ballot, "
-        "  coalesce(i.accepted_value, c.accepted_value) AS accepted_value, "
-        "  coalesce(i.participants, c.participants) AS participants, "
-        "  coalesce(i.created_at, c.created_at) AS created_at "
-        " FROM unnest($1) AS t(txid) LEFT JOIN ins i ON i.txid = t.txid "
-        " LEFT JOIN txmgr_paxos c ON c.txid = t.txid AND i.txid IS NULL) s"
-    )),
+    "txmgr_paxos_register_many": ("text[]", _many(
+        "INSERT INTO txmgr_paxos (txid) SELECT unnest($1) ON CONFLICT (txid) DO NOTHING",
+        "rejected")),
     "txmgr_paxos_promise": ("text, bigint", _one(
         "UPDATE txmgr_paxos SET promised = $2 WHERE txid = $1 AND promised < $2", "gone")),
     # $5: finished transactions whose slots go in the same statement (the
@@ -122,24 +130,12 @@ STATEMENTS: dict[str, tuple[str, str]] = {
     # on its own, as if the statements had run one after the other. $3/$4:
     # each txid's value and participants (comma-separated: participant names
     # never contain a comma).
-    "txmgr_paxos_accept_many": ("text[], bigint, text[], text[], text[]", (
-        "WITH gone AS (DELETE FROM txmgr_paxos WHERE txid = ANY($5) AND txid <> ALL($1)), "
-        "ch AS (UPDATE txmgr_paxos s SET promised = $2, accepted_ballot = $2, "
-        " accepted_value = x.kind, participants = string_to_array(x.parts, ',') "
-        " FROM unnest($1, $3, $4) AS x(txid, kind, parts) "
-        " WHERE s.txid = x.txid AND s.promised <= $2 RETURNING "
-        f"{', '.join('s.' + c for c in _SLOT.split(', '))}) "
-        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
-        " SELECT t.txid, CASE WHEN c.txid IS NOT NULL THEN 'ok' "
-        "  WHEN p.txid IS NOT NULL THEN 'rejected' ELSE 'gone' END AS status, "
-        "  coalesce(c.promised, p.promised) AS promised, "
-        "  coalesce(c.accepted_ballot, p.accepted_ballot) AS accepted_ballot, "
-        "  coalesce(c.accepted_value, p.accepted_value) AS accepted_value, "
-        "  coalesce(c.participants, p.participants) AS participants, "
-        "  coalesce(c.created_at, p.created_at) AS created_at "
-        " FROM unnest($1) AS t(txid) LEFT JOIN ch c ON c.txid = t.txid "
-        " LEFT JOIN txmgr_paxos p ON p.txid = t.txid AND c.txid IS NULL) s"
-    )),
+    "txmgr_paxos_accept_many": ("text[], bigint, text[], text[], text[]", _many(
+        "UPDATE txmgr_paxos s SET promised = $2, accepted_ballot = $2, "
+        "accepted_value = x.kind, participants = string_to_array(x.parts, ',') "
+        "FROM unnest($1, $3, $4) AS x(txid, kind, parts) "
+        "WHERE s.txid = x.txid AND s.promised <= $2", "gone", table="s",
+        before="gone AS (DELETE FROM txmgr_paxos WHERE txid = ANY($5) AND txid <> ALL($1)), ")),
     "txmgr_paxos_forget": ("text[], boolean, float8", (
         "WITH del AS (DELETE FROM txmgr_paxos WHERE txid = ANY($1) "
         " AND (NOT $2 OR accepted_value IS DISTINCT FROM 'commit') "

@@ -491,20 +491,19 @@ class PaxosLog:
                     replies: dict[str, Reply] = {}
                 else:
                     self._check_open()
-                    if request.op == "accept" and request.ballot == BALLOT0:
-                        # The coordinator's commit: combined with those of
-                        # concurrent transactions (see _batch).
-                        replies = self._combiner.submit(_Accept(request, voters, forget),
-                                                        key=voters)
+                    if request.op == "accept":
+                        accept = _Accept(request, voters, forget)
+                        # The coordinator's commit (ballot 0) is combined with those
+                        # of concurrent transactions (see _batch).
+                        replies = (self._combiner.submit(accept, key=voters)
+                                   if request.ballot == BALLOT0 else self._accept([accept])[0])
                         forget = ()  # rides on the first accept only
-                    elif request.op == "accept":
-                        replies = self._accept([_Accept(request, voters, forget)])[0]
-                        forget = ()
                     else:
                         # Reads and promises wait a moment for every voter: a commit
                         # accepted by one of them is then finished rather than aborted.
                         replies = by_incarnation(run_round(
-                            self, query_for(request), enough=_oks(voters, request.txid, q),
+                            self, query_for(request),
+                            enough=_oks(voters, {request.txid: q}),
                             linger=self.linger, everyone=everyone), request.txid)
                 request = steps.send(replies)
         except StopIteration as stop:
@@ -558,7 +557,7 @@ class PaxosLog:
                 forget=[*forget, *extra])
         need = {a.request.txid: voters.quorum - oks_before.get(a.request.txid, 0)
                 for a in accepts}
-        results = run_round(self, query, enough=_all_oks(voters, need), only=only,
+        results = run_round(self, query, enough=_oks(voters, need), only=only,
                             timeout=timeout)
         answered = {id(link) for link, r in results if isinstance(r, Answer)}
         unpaid = [k for k in asked if id(k) not in answered]
@@ -611,21 +610,13 @@ def _value(request: Request) -> Value:
     return request.value
 
 
-def _all_oks(voters: Voters, need: Mapping[str, int]) -> Callable[[list[Answer]], bool]:
-    """An accept round's ``enough``: each txid has its ``need`` voters' oks."""
+def _oks(voters: Voters, need: Mapping[str, int]) -> Callable[[list[Answer]], bool]:
+    """A round's ``enough``: each txid of ``need`` has that many of its voters' oks."""
     def enough(answers: list[Answer]) -> bool:
         return all(
             sum(1 for a in answers if a.incarnation in voters
                 and reply_of(a, txid).status == "ok") >= n
             for txid, n in need.items())
-    return enough
-
-
-def _oks(voters: Voters, txid: str, need: int) -> Callable[[list[Answer]], bool]:
-    """A round's ``enough``: ``need`` voters of ``txid`` answered ok."""
-    def enough(answers: list[Answer]) -> bool:
-        return sum(1 for a in answers if a.incarnation in voters
-                   and reply_of(a, txid).status == "ok") >= need
     return enough
 
 

@@ -352,6 +352,9 @@ def own_servers() -> None:
 
 @pytest.mark.soak
 @pytest.mark.crash
+# One torture at a time (under pytest-xdist, on one worker): each loads both cores
+# with clients, daemons and a nemesis; two at once would starve each other.
+@pytest.mark.xdist_group("torture")
 @pytest.mark.timeout(1800 if LONG else 600)
 @pytest.mark.parametrize(
     ("log", "participants", "seconds"),

@@ -19,5 +19,12 @@ def demo_cmd(transfers: int, threads: int) -> None:
     `pip install 'txmgr[embedded]'`.
     """
     from txmgr._demo import run_demo
+    from txmgr.testing import PgBinariesNotFound
 
-    sys.exit(0 if run_demo(transfers, threads, echo=click.echo) else 1)
+    try:
+        ok = run_demo(transfers, threads, echo=click.echo)
+    except PgBinariesNotFound as e:
+        # Not a bug but a machine without a server: say what to install, nothing else.
+        click.echo(f"txmgr demo: {e}", err=True)
+        sys.exit(1)
+    sys.exit(0 if ok else 1)

@@ -13,6 +13,8 @@ The tree::
     │   ├── ParticipantUnavailable   cannot connect (host down, wrong password, …)
     │   ├── PreparedTransactionsDisabled   max_prepared_transactions = 0
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
+    │   │   └── NotPrimary           a hot standby reached where a decision is read or a
+    │   │                            prepared transaction listed or finished
     │   └── UnsupportedServer        PostgreSQL older than 13
     ├── LogSchemaError               decision log schema missing or out of date
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
@@ -37,6 +39,7 @@ __all__ = [
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
+    "NotPrimary",
     "OutcomeUnknown",
     "ParticipantError",
     "ParticipantReadOnly",
@@ -88,6 +91,22 @@ class PreparedTransactionsDisabled(ParticipantError):
 class ParticipantReadOnly(ParticipantError):
     """The server cannot write: a hot standby (in recovery), or its sessions start
     with ``default_transaction_read_only = on``. Point the DSN at the primary."""
+
+
+class NotPrimary(ParticipantReadOnly):
+    """The server is a hot standby (``pg_is_in_recovery()``), reached by a connection
+    that reads a decision or lists or finishes prepared transactions.
+
+    A standby may lag behind its primary: a decision not replayed yet reads as
+    "not committed", and its ``pg_prepared_xacts`` lists nothing. Acting on
+    either could roll back a committed transaction's branch, so txmgr refuses
+    the connection on every use. Point the DSN at the primary, or list every
+    host with ``target_session_attrs=read-write``. ``dsn`` is the masked DSN.
+    """
+
+    def __init__(self, message: str, *, participant: str, dsn: str) -> None:
+        super().__init__(message, participant=participant)
+        self.dsn = dsn
 
 
 class UnsupportedServer(ParticipantError):

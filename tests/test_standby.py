@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -158,7 +159,8 @@ def test_confirm_step_refuses_a_lagging_standby_log(
                 answer: object = tm.read_decision(lxid, "0123456789abcdef")
             except txmgr.TxmgrError as e:
                 answer = e
-        assert isinstance(answer, txmgr.NotPrimary), answer  # unfixed: ("future", False)
+        assert isinstance(answer, txmgr.TxmgrError), f"the standby answered {answer}"
+        assert isinstance(answer, txmgr.NotPrimary), answer
         assert "target_session_attrs=read-write" in str(answer)
     finally:
         standby.resume_replay()
@@ -235,3 +237,79 @@ def test_multi_host_dsn_follows_a_promotion(
         assert query(multi, "SELECT balance FROM accounts WHERE id = 1") == [(START + 70,)]
         assert bank.balance("a") == START - 70 and bank.decisions() == []
         assert query(multi, "SELECT count(*) FROM pg_prepared_xacts") == [(0,)]
+
+
+# -- a branch's gid gone at COMMIT PREPARED ---------------------------------------------
+
+
+class _FinishElsewhere(txmgr.Hooks):
+    """Before the coordinator's COMMIT PREPARED of ``participant``, another session
+    finishes that branch (a careless operator, a wrong recovery)."""
+
+    def __init__(self, dsn: str, participant: str, *, commit: bool) -> None:
+        self.dsn, self.participant, self.commit = dsn, participant, commit
+
+    def before_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
+        if participant == self.participant:
+            verb = "COMMIT" if self.commit else "ROLLBACK"
+            query(self.dsn, psycopg.sql.SQL(verb + " PREPARED {}").format(  # type: ignore[arg-type]
+                psycopg.sql.Literal(gid)))
+
+
+def _move(tx: Any) -> None:
+    for name, statements in transfer(70, "a", "b").items():
+        for stmt in statements:
+            tx.connection(name).execute(stmt)
+
+
+def _heuristic_count(participant: str) -> float:
+    prom = pytest.importorskip("prometheus_client")
+    value = prom.REGISTRY.get_sample_value(
+        "txmgr_heuristic_mixed_branches_total", {"participant": participant})
+    return value or 0.0
+
+
+def test_gone_gid_rolled_back_elsewhere_is_heuristic_mixed(
+    bank: Bank, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = _FinishElsewhere(bank.dsns["b"], "b", commit=False)
+    before = _heuristic_count("b")
+    with txmgr.TransactionManager(bank.dsns, bank.log, hooks=hooks) as tm:
+        with pytest.raises(txmgr.HeuristicMixed) as info, tm.transaction() as tx:
+            _move(tx)
+    assert info.value.committed == ["a"] and info.value.rolled_back == ["b"]
+    assert "'b'" in str(info.value) and info.value.txid
+    assert tx.state.name == "HEURISTIC_MIXED"
+    assert _heuristic_count("b") == before + 1  # the metric
+    assert any("HEURISTIC MIXED" in r.getMessage() and r.levelname == "ERROR"
+               for r in caplog.records)  # the log line
+    assert (bank.balance("a"), bank.balance("b")) == (START - 70, START)
+    assert bank.prepared() == [] and bank.decisions() == []
+
+
+def test_gone_gid_committed_elsewhere_is_committed(bank: Bank) -> None:
+    hooks = _FinishElsewhere(bank.dsns["b"], "b", commit=True)
+    with txmgr.TransactionManager(bank.dsns, bank.log, hooks=hooks) as tm:
+        with tm.transaction() as tx:
+            _move(tx)
+        assert tx.state.value == "committed"
+    assert (bank.balance("a"), bank.balance("b")) == (START - 70, START + 70)
+
+
+async def _async_move(bank: Bank, hooks: txmgr.Hooks) -> None:
+    async with txmgr.AsyncTransactionManager(bank.dsns, bank.log, hooks=hooks) as tm:
+        async with tm.transaction() as tx:
+            for name, statements in transfer(70, "a", "b").items():
+                conn = await tx.connection(name)
+                for stmt in statements:
+                    await conn.execute(stmt)
+
+
+def test_gone_gid_rolled_back_elsewhere_is_heuristic_mixed_async(bank: Bank) -> None:
+    import asyncio
+
+    hooks = _FinishElsewhere(bank.dsns["b"], "b", commit=False)
+    with pytest.raises(txmgr.HeuristicMixed) as info:
+        asyncio.run(_async_move(bank, hooks))
+    assert info.value.committed == ["a"] and info.value.rolled_back == ["b"]
+    assert (bank.balance("a"), bank.balance("b")) == (START - 70, START)

@@ -23,6 +23,7 @@ The tree::
     │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
     ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
+    ├── HeuristicMixed               committed, but another session rolled a branch back
     └── ResolveError                 `txmgr resolve` did not finish a branch
         ├── BranchNotFound           no participant has that gid prepared
         ├── AmbiguousBranch          several participants have it: pass --participant
@@ -35,6 +36,7 @@ __all__ = [
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",
+    "HeuristicMixed",
     "InvalidParticipantName",
     "LogQuorumUnavailable",
     "LogSchemaError",
@@ -179,6 +181,25 @@ class OutcomeUnknown(TxmgrError):
     def __init__(self, message: str, *, txid: str | None = None) -> None:
         super().__init__(message)
         self.txid = txid
+
+
+class HeuristicMixed(TxmgrError):
+    """The decision was commit, but some branch was rolled back by someone else.
+
+    In the spirit of JTA's ``HeuristicMixedException``: the coordinator found a
+    branch's gid gone at ``COMMIT PREPARED`` and the participant says that
+    prepared transaction was rolled back (``ROLLBACK PREPARED`` by an operator
+    or another tool): ``committed`` lists the participants whose branch
+    committed, ``rolled_back`` those whose branch did not. Atomicity is broken
+    for this transaction and only the application can repair its data.
+    """
+
+    def __init__(self, message: str, *, txid: str, committed: list[str],
+                 rolled_back: list[str]) -> None:
+        super().__init__(message)
+        self.txid = txid
+        self.committed = committed
+        self.rolled_back = rolled_back
 
 
 class ResolveError(TxmgrError):

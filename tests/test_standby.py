@@ -214,6 +214,37 @@ def test_recovery_refuses_a_standby_participant_and_keeps_the_decision(
     assert bank.prepared() == [] and bank.decisions() == []
 
 
+def test_resolve_refuses_a_standby_participant(
+    make_bank: MakeBank, pair: tuple[PgServer, PgServer], pg_server: Server,
+) -> None:
+    primary, standby = pair
+    bank, txid = decided_bank(make_bank, [pg_server, primary])
+    caught_up(primary, standby)
+    (gid,) = bank.prepared("b")
+    wrong = txmgr.Config(participants=dict(bank.dsns, b=on(standby, bank.dsns["b"])),
+                         log=bank.log)
+    # Unfixed: BranchNotFound ("no prepared transaction"), the standby lists nothing.
+    with pytest.raises(txmgr.ResolveRefused, match=r"'b' is a hot standby.*read-write"):
+        resolve(wrong, gid, commit=True, reason="test")
+    assert len(bank.prepared()) == 2 and bank.decisions() == [txid]
+
+
+def test_read_write_dsn_reaching_only_standbys_names_the_fix(
+    make_bank: MakeBank, pair: tuple[PgServer, PgServer], pg_server: Server,
+) -> None:
+    """libpq's "session is read-only" (target_session_attrs=read-write found no
+    primary) gets a hint about the failover, not "check host, port, …"."""
+    primary, standby = pair
+    bank, txid = decided_bank(make_bank, [pg_server, primary])
+    only_standby = make_conninfo(on(standby, bank.dsns["b"]), target_session_attrs="read-write")
+    report = txmgr.recover(txmgr.Config(participants=dict(bank.dsns, b=only_standby),
+                                        log=bank.log))
+    assert report.unreachable == ["b"] and bank.decisions() == [txid], report
+    (error,) = [e for e in report.errors if e.startswith("b:")]
+    assert "session is read-only" in error and "found no primary" in error, error
+    assert standby.password not in error
+
+
 def test_multi_host_dsn_follows_a_promotion(
     make_bank: MakeBank, pg_server: Server,
 ) -> None:

@@ -198,8 +198,8 @@ def test_a_participant_lost_after_listing_costs_one_connection_attempt(
     attempts: list[str] = []
     from txmgr.participant import connect as real_connect
 
-    def list_then_cut_b(conn: psycopg.Connection[Any], prefix: str) -> Any:
-        listed = real_list(conn, prefix)
+    def list_then_cut_b(conn: psycopg.Connection[Any], prefix: str, **kw: Any) -> Any:
+        listed = real_list(conn, prefix, **kw)
         if conn.info.dbname == _dbname(dsns["b"]):
             # b is listed; now its sessions are cut and no new one is let in.
             _allow_connections(dsns["a"], dsns["b"], False)

@@ -5,7 +5,9 @@ one connection per participant and one to the log, open a new one when the
 old one broke, and drop one after an error so the next use reconnects. Their
 sessions wait at most :data:`LOCK_TIMEOUT` for a lock (a DDL lock on the log
 tables, a row a hung coordinator holds): the pass reports it and the next one
-tries again, instead of the daemon hanging.
+tries again, instead of the daemon hanging. A new connection that reaches a
+hot standby is refused (NotPrimary): recovery, status and the daemon never
+read a decision or list prepared transactions there.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import psycopg
 
 from txmgr._dsn import session_options
+from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.participant import connect
 
 __all__ = ["LOCK_TIMEOUT", "LOG_KEY", "ConnectionCache"]
@@ -45,6 +48,16 @@ class ConnectionCache:
             options=session_options(dsn, {"lock_timeout": LOCK_TIMEOUT}),
             **extra,
         )
+        # A new session may land on a standby (a multi-host DSN after a failover):
+        # refuse it before anything uses it. The statements that read decisions
+        # or list prepared transactions check again on every use (txmgr._primary).
+        try:
+            row = conn.execute("SELECT " + IN_RECOVERY).fetchone()
+            what = "the decision log" if key == LOG_KEY else f"participant {name or key!r}"
+            require_primary(row[0] if row else None, what, name or key, dsn)
+        except BaseException:
+            conn.close()
+            raise
         self._conns[key] = conn
         return conn
 

@@ -165,6 +165,15 @@ _CONNECT_HINTS = (
         "[pool] max_size of the applications using it",
     ),
     (
+        # target_session_attrs=read-write / primary, when no listed server qualifies
+        ("session is read-only", "server is in hot standby mode"),
+        "target_session_attrs found no primary among the servers the DSN lists (only hot "
+        "standbys, or sessions read-only by default): list the current primary's host and "
+        "port in the DSN (host=h1,h2 port=p1,p2), or wait until the failover has promoted a "
+        "standby; if the server is a primary, turn default_transaction_read_only off for "
+        "this role or database",
+    ),
+    (
         ("the database system is starting up", "the database system is shutting down",
          "the database system is in recovery mode"),
         "the server is starting or stopping: try again when it is up",

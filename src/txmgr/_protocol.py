@@ -43,11 +43,13 @@ from txmgr import failpoints
 from txmgr._branch import AnyBranchConnection
 from txmgr._decision import Decision
 from txmgr._gid import Gid, new_txid
+from txmgr._heuristic import count_heuristic_mixed
 from txmgr._hints import FAILED_BRANCH_HINT, with_hint
 from txmgr._multiplex import Job, literal
 from txmgr._ops import Forget, Release, Run, Step, checkout, paxos_propose, paxos_register
 from txmgr.config import Config
 from txmgr.errors import (
+    HeuristicMixed,
     LogSchemaError,
     ManualTransactionControl,
     OutcomeUnknown,
@@ -89,6 +91,8 @@ class TransactionState(enum.Enum):
     ROLLED_BACK = "rolled back"
     #: committed by the decision, but some COMMIT PREPARED is left to recovery
     COMMITTED_PENDING = "committed (recovery finishes some branches)"
+    #: committed by the decision, but another session rolled some branch back
+    HEURISTIC_MIXED = "heuristic mixed (some branches rolled back by another session)"
     UNKNOWN = "outcome unknown"
 
 
@@ -534,26 +538,68 @@ class TransactionCore:
             for b in to_prepare
         ]
         yield Run([*jobs, *(Job(b.conn, b"COMMIT") for b in readers)])
-        pending = []
+        # "does not exist": somebody else finished the branch — recovery committed
+        # it, or someone rolled it back. Only the participant knows which.
+        gone = [b for b, job in zip(to_prepare, jobs, strict=True)
+                if isinstance(job.error, psycopg.errors.UndefinedObject)]
+        fates = (yield from _fates(self.txid, gone)) if gone else {}
+        pending, rolled_back = [], []
         for b, job in zip(to_prepare, jobs, strict=True):
             assert b.gid is not None
-            # "does not exist": recovery committed it. "busy" (55000) is NOT done:
-            # another session holds it right now, so the decision row must stay.
-            if job.error is None or isinstance(job.error, psycopg.errors.UndefinedObject):
+            fate = fates.get(b.name, "committed" if job.error is None else None)
+            if fate == "committed":
                 b.prepared = False
                 _quiet_hook(_after_commit_prepared, tm.hooks, self.txid, b.name, b.gid)
+            elif fate == "aborted":
+                b.prepared = False
+                rolled_back.append(b)
             else:
+                # "busy" (55000) is NOT done: another session holds it right now,
+                # so the decision row must stay; so must it when the participant
+                # could not say what became of a vanished branch.
                 pending.append(b)
                 logger.warning(
                     "txid=%s gid=%s participant=%s: COMMIT PREPARED did not finish, recovery "
                     "will: %s", self.txid, b.gid, b.name, job.error,
                 )
+        if rolled_back:
+            yield from self._heuristic_mixed(to_prepare, rolled_back, pending)
         if pending:
             self.state = TransactionState.COMMITTED_PENDING
         else:
             _quiet_hook(failpoints.fire, "before_cleanup")
             yield Forget([self.txid])
             self.state = TransactionState.COMMITTED
+
+    def _heuristic_mixed(
+        self, writers: list[Branch], rolled_back: list[Branch], pending: list[Branch]
+    ) -> Step[NoReturn]:
+        """Commit was decided, yet someone rolled back these branches: say so loudly."""
+        lost = [b.name for b in rolled_back]
+        committed = [b.name for b in writers if b not in rolled_back and b not in pending]
+        logger.error(
+            "txid=%s: HEURISTIC MIXED OUTCOME: the decision is commit, but the branches of %s "
+            "were rolled back by another session (ROLLBACK PREPARED); committed: %s",
+            self.txid, ", ".join(lost), ", ".join(committed) or "none",
+            extra={"txid": self.txid, "event": "heuristic_mixed", "rolled_back": lost,
+                   "committed": committed},
+        )  # fmt: skip
+        _quiet_hook(count_heuristic_mixed, lost)
+        if not pending:  # every branch is finished one way or the other
+            yield Forget([self.txid])
+        self.state = TransactionState.HEURISTIC_MIXED
+        raise HeuristicMixed(
+            f"transaction {self.txid}: the decision was commit, but the prepared branch of "
+            + ", ".join(repr(n) for n in lost)
+            + " was rolled back by another session before the coordinator's COMMIT PREPARED "
+            f"(committed: {', '.join(repr(n) for n in committed) or 'none'}"
+            + (f"; left to recovery: {', '.join(repr(b.name) for b in pending)}" if pending
+               else "")
+            + "). Atomicity is broken for this transaction: repair the data of the "
+            "rolled-back participants by hand, and find what ran ROLLBACK PREPARED on "
+            "txmgr's gids (only recovery, the daemon and `txmgr resolve` may finish them)",
+            txid=self.txid, committed=committed, rolled_back=lost,
+        )
 
     def _decide(self, decision: Decision, prepared: list[Branch], patience: float) -> Step[None]:
         """Commit the decision transaction; settle a lost reply by asking the log."""
@@ -689,6 +735,30 @@ def _after_decision(hooks: Hooks, txid: str, lxid: int) -> None:
 def _after_commit_prepared(hooks: Hooks, txid: str, participant: str, gid: str) -> None:
     failpoints.fire("after_commit_prepared")
     hooks.after_commit_prepared(txid, participant, gid)
+
+
+def _fates(txid: str, gone: list[Branch]) -> Step[dict[str, str]]:
+    """What became of branches whose gid vanished before COMMIT PREPARED: by participant,
+    "committed" or "aborted" (``pg_xact_status`` of the branch's own xid, kept from the
+    vote: a prepared transaction keeps its xid). A participant that cannot tell is
+    left out."""
+    known = [b for b in gone if b.xid is not None]  # every writer voted with its xid
+    jobs = [
+        Job(b.conn, b"SELECT pg_xact_status(" + literal(str(b.xid), b.conn) + b"::xid8)")
+        for b in known
+    ]
+    if jobs:
+        yield Run(jobs)
+    fates: dict[str, str] = {}
+    for b, job in zip(known, jobs, strict=True):
+        status = job.rows[0][0] if job.error is None and job.rows else None
+        if status in ("committed", "aborted"):
+            fates[b.name] = status
+        else:
+            logger.warning("txid=%s gid=%s participant=%s: its gid is gone and the "
+                           "participant cannot say what became of it (%s)",
+                           txid, b.gid, b.name, job.error or status)
+    return fates
 
 
 def _finished_elsewhere(error: BaseException) -> bool:

@@ -13,6 +13,8 @@ The tree::
     │   ├── ParticipantUnavailable   cannot connect (host down, wrong password, …)
     │   ├── PreparedTransactionsDisabled   max_prepared_transactions = 0
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
+    │   │   └── NotPrimary           a hot standby reached where a decision is read or a
+    │   │                            prepared transaction listed or finished
     │   └── UnsupportedServer        PostgreSQL older than 13
     ├── LogSchemaError               decision log schema missing or out of date
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
@@ -21,6 +23,7 @@ The tree::
     │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
     ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
+    ├── HeuristicMixed               committed, but another session rolled a branch back
     └── ResolveError                 `txmgr resolve` did not finish a branch
         ├── BranchNotFound           no participant has that gid prepared
         ├── AmbiguousBranch          several participants have it: pass --participant
@@ -33,10 +36,12 @@ __all__ = [
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",
+    "HeuristicMixed",
     "InvalidParticipantName",
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
+    "NotPrimary",
     "OutcomeUnknown",
     "ParticipantError",
     "ParticipantReadOnly",
@@ -88,6 +93,22 @@ class PreparedTransactionsDisabled(ParticipantError):
 class ParticipantReadOnly(ParticipantError):
     """The server cannot write: a hot standby (in recovery), or its sessions start
     with ``default_transaction_read_only = on``. Point the DSN at the primary."""
+
+
+class NotPrimary(ParticipantReadOnly):
+    """The server is a hot standby (``pg_is_in_recovery()``), reached by a connection
+    that reads a decision or lists or finishes prepared transactions.
+
+    A standby may lag behind its primary: a decision not replayed yet reads as
+    "not committed", and its ``pg_prepared_xacts`` lists nothing. Acting on
+    either could roll back a committed transaction's branch, so txmgr refuses
+    the connection on every use. Point the DSN at the primary, or list every
+    host with ``target_session_attrs=read-write``. ``dsn`` is the masked DSN.
+    """
+
+    def __init__(self, message: str, *, participant: str, dsn: str) -> None:
+        super().__init__(message, participant=participant)
+        self.dsn = dsn
 
 
 class UnsupportedServer(ParticipantError):
@@ -160,6 +181,25 @@ class OutcomeUnknown(TxmgrError):
     def __init__(self, message: str, *, txid: str | None = None) -> None:
         super().__init__(message)
         self.txid = txid
+
+
+class HeuristicMixed(TxmgrError):
+    """The decision was commit, but some branch was rolled back by someone else.
+
+    In the spirit of JTA's ``HeuristicMixedException``: the coordinator found a
+    branch's gid gone at ``COMMIT PREPARED`` and the participant says that
+    prepared transaction was rolled back (``ROLLBACK PREPARED`` by an operator
+    or another tool): ``committed`` lists the participants whose branch
+    committed, ``rolled_back`` those whose branch did not. Atomicity is broken
+    for this transaction and only the application can repair its data.
+    """
+
+    def __init__(self, message: str, *, txid: str, committed: list[str],
+                 rolled_back: list[str]) -> None:
+        super().__init__(message)
+        self.txid = txid
+        self.committed = committed
+        self.rolled_back = rolled_back
 
 
 class ResolveError(TxmgrError):

@@ -38,6 +38,7 @@ import psycopg
 from psycopg import sql
 
 from txmgr._dsn import mask, session_options
+from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.errors import LogSchemaError
 
 __all__ = [
@@ -91,7 +92,7 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     try:
         row = conn.execute(
             "SELECT (SELECT logid FROM txmgr_log_meta), "
-            "(SELECT version_num FROM txmgr_alembic_version LIMIT 1)"
+            "(SELECT version_num FROM txmgr_alembic_version LIMIT 1), " + IN_RECOVERY
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         _reset(conn)
@@ -100,7 +101,9 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
         ) from None
     _reset(conn)
     assert row is not None
-    logid, revision = row
+    logid, revision, in_recovery = row
+    # Every pass of recovery, status, resolve and the daemon starts here.
+    require_primary(in_recovery, "the decision log", "log", dsn)
     usable = isinstance(revision, str) and MIN_SCHEMA_REVISION <= revision <= SCHEMA_REVISION
     if not usable or logid is None:
         direction = "newer txmgr" if revision and revision > SCHEMA_REVISION else fix
@@ -253,17 +256,27 @@ def _xact_status(conn: psycopg.Connection[Any], ids: list[int]) -> dict[int, Xac
     # confirms); until then its commit is not visible to new snapshots, and
     # some server releases report "committed" already. Its xid lock is held
     # until after that, so while the lock is held, report "in progress".
+    #
+    # On a standby (see txmgr._primary) an xid not replayed yet is "in the
+    # future" or reads as not committed: the CASE skips pg_xact_status there, so
+    # that the refusal, not an error or a wrong status, is the answer.
     rows = conn.execute(
         "SELECT x, CASE WHEN s = 'committed' AND EXISTS ("
         "  SELECT 1 FROM pg_locks l WHERE l.locktype = 'transactionid'"
         "  AND l.transactionid::text = (x %% 4294967296)::text)"
-        " THEN 'in progress' ELSE s END "
-        "FROM (SELECT x, pg_xact_status(x::text::xid8) AS s "
-        "      FROM unnest(%s::bigint[]) AS x) AS q",
+        " THEN 'in progress' ELSE s END, r "
+        "FROM (SELECT x, r, CASE WHEN r THEN NULL ELSE pg_xact_status(x::text::xid8) END AS s"
+        "      FROM unnest(%s::bigint[]) AS x, " + IN_RECOVERY + " AS r) AS q",
         (ids,),
     ).fetchall()
     _reset(conn)
+    for r in rows:
+        _require_primary(conn, r[2])
     return {int(r[0]): r[1] for r in rows}
+
+
+def _require_primary(conn: psycopg.Connection[Any], in_recovery: object) -> None:
+    require_primary(in_recovery, "the decision log", "log", conn.info.dsn)
 
 
 def committed_txids(conn: psycopg.Connection[Any], txids: Iterable[str]) -> set[str]:
@@ -277,11 +290,14 @@ def committed_txids(conn: psycopg.Connection[Any], txids: Iterable[str]) -> set[
     wanted = sorted(set(txids))
     if not wanted:
         return set()
-    rows = conn.execute(
-        "SELECT txid FROM txmgr_decision WHERE txid = ANY(%s)", (wanted,)
-    ).fetchall()
+    row = conn.execute(
+        "SELECT " + IN_RECOVERY + ", "
+        "ARRAY(SELECT txid FROM txmgr_decision WHERE txid = ANY(%s))", (wanted,)
+    ).fetchone()
     _reset(conn)
-    return {r[0] for r in rows}
+    assert row is not None
+    _require_primary(conn, row[0])  # a lagging standby lacks rows committed on the primary
+    return set(row[1])
 
 
 def read_decisions(
@@ -303,7 +319,7 @@ def decision_rows(conn: psycopg.Connection[Any]) -> list[DecisionRow]:
     """Every decision row (committed decisions whose cleanup is pending)."""
     rows = conn.execute(
         "SELECT txid, lxid::text, participants, created_at FROM txmgr_decision ORDER BY created_at"
-    ).fetchall()
+    ).fetchall()  # (its callers read the log id, checking primary-ness, first)
     _reset(conn)
     return [DecisionRow(r[0], int(r[1]), tuple(r[2]), r[3]) for r in rows]
 

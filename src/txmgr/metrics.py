@@ -22,6 +22,12 @@ Metric names (all prefixed ``txmgr_``):
                                           mode: transactions with slots, per pass)
 ``daemon_active``                         1 when this daemon holds the recovery lock
 ========================================  =====================================================
+
+One metric belongs to the coordinator, in the process's default registry (the
+one an application already serves), when prometheus_client is installed:
+``txmgr_heuristic_mixed_branches_total{participant}`` counts branches that
+another session rolled back although the decision was commit (see
+:class:`~txmgr.errors.HeuristicMixed` and :mod:`txmgr._heuristic`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from psycopg import sql
 from txmgr._branch import BranchConnection
 from txmgr._dsn import mask, redact
 from txmgr._hints import connect_failure_hint
+from txmgr._primary import IN_RECOVERY, require_primary, standby_error
 from txmgr.errors import (
     ParticipantReadOnly,
     ParticipantUnavailable,
@@ -117,11 +118,7 @@ def check_server(conn: psycopg.Connection[Any], name: str, *, needs_prepare: boo
     assert row is not None
     what = "the decision log" if name == "log" else f"participant {name!r}"
     if row[1]:
-        raise ParticipantReadOnly(
-            f"{what} is a hot standby (read-only, in recovery): it can neither write nor "
-            "prepare transactions; point its DSN at the primary server",
-            participant=name,
-        )
+        raise standby_error(what, name, conn.info.dsn)
     if row[2] == "on":
         raise ParticipantReadOnly(
             f"{what} is read-only: its sessions start with default_transaction_read_only "
@@ -148,16 +145,24 @@ class PreparedBranch:
     owner: str
 
 
-def list_prepared(conn: psycopg.Connection[Any], prefix: str) -> list[PreparedBranch]:
-    """Prepared transactions of this database whose gid starts with ``prefix``."""
+def list_prepared(conn: psycopg.Connection[Any], prefix: str, *, name: str
+                  ) -> list[PreparedBranch]:
+    """Prepared transactions of this database whose gid starts with ``prefix``.
+
+    Raises NotPrimary on a standby (its empty list would read as "every branch
+    finished"), checked in the same statement: the one row of ``one`` is
+    there even when nothing is prepared.
+    """
     # COMMIT PREPARED only works from the database that prepared the branch, and
     # gids are server-wide: filter on current_database().
     rows = conn.execute(
-        "SELECT gid, prepared, owner FROM pg_prepared_xacts "
-        "WHERE database = current_database() AND starts_with(gid, %s) ORDER BY prepared",
+        "SELECT " + IN_RECOVERY + ", p.gid, p.prepared, p.owner FROM (SELECT 1) AS one "
+        "LEFT JOIN pg_prepared_xacts p "
+        "ON p.database = current_database() AND starts_with(p.gid, %s) ORDER BY p.prepared",
         (prefix,),
     ).fetchall()
-    return [PreparedBranch(r[0], r[1], r[2]) for r in rows]
+    require_primary(rows[0][0], f"participant {name!r}", name, conn.info.dsn)
+    return [PreparedBranch(r[1], r[2], r[3]) for r in rows if r[1] is not None]
 
 
 def finish_prepared(conn: psycopg.Connection[Any], gid: str, *, commit: bool) -> FinishResult:

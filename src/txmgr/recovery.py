@@ -184,15 +184,7 @@ class Recoverer:
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
             return report
-        prefix = log_prefix(logid)
-        listed: dict[str, list[PreparedBranch]] = {}
-        for name, dsn in self.config.participants.items():
-            try:
-                listed[name] = list_prepared(self._conn(name, dsn), prefix)
-            except (psycopg.Error, TxmgrError) as e:
-                self._drop(name)
-                report.unreachable.append(name)
-                report.errors.append(f"{name}: {redact(str(e))}")
+        listed = self._list_all(log_prefix(logid), report)
         gids = {b.gid: Gid.parse(b.gid) for branches in listed.values() for b in branches}
         ours = [g for g in gids.values() if g is not None]
         try:
@@ -228,11 +220,13 @@ class Recoverer:
     def _list_all(
         self, prefix: str, report: RecoveryReport
     ) -> dict[str, list[PreparedBranch]]:
-        """The prepared gids starting with ``prefix`` on every participant that answers."""
+        """The prepared gids starting with ``prefix`` on every participant that answers
+        from a primary: one that does not (down, or a standby) is left out, so that
+        no cleanup counts its branches as finished."""
         listed: dict[str, list[PreparedBranch]] = {}
         for name, dsn in self.config.participants.items():
             try:
-                listed[name] = list_prepared(self._conn(name, dsn), prefix)
+                listed[name] = list_prepared(self._conn(name, dsn), prefix, name=name)
             except (psycopg.Error, TxmgrError) as e:
                 self._drop(name)
                 report.unreachable.append(name)

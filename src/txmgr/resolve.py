@@ -68,10 +68,12 @@ import psycopg
 from txmgr import log as decision_log
 from txmgr._dsn import mask, redact
 from txmgr._gid import Gid
+from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.config import Config
 from txmgr.errors import (
     AmbiguousBranch,
     BranchNotFound,
+    NotPrimary,
     ResolveError,
     ResolveRefused,
     TxmgrError,
@@ -208,14 +210,21 @@ def _locate(
                 continue
             try:
                 rows = conn.execute(
-                    "SELECT database, owner, database = current_database() "
-                    "FROM pg_prepared_xacts WHERE gid = %s",
+                    "SELECT p.database, p.owner, p.database = current_database(), "
+                    + IN_RECOVERY + " FROM (SELECT 1) AS one "
+                    "LEFT JOIN pg_prepared_xacts p ON p.gid = %s",
                     (gid,),
                 ).fetchall()
+                # A standby lists nothing: "not found" there would be a lie.
+                require_primary(rows[0][3], f"participant {name!r}", name, conn.info.dsn)
             except psycopg.Error as e:
                 conn.close()
                 unreachable.append(f"{name}: {redact(str(e))}")
                 continue
+            except NotPrimary as e:
+                conn.close()
+                raise ResolveRefused(f"{e}") from e
+            rows = [r for r in rows if r[0] is not None]
             mine = [r for r in rows if r[2]]
             if mine:
                 found.append((name, str(mine[0][1]), conn))
@@ -279,6 +288,9 @@ def _log_decision(config: Config, gid: str) -> tuple[Decision, str, psycopg.Conn
         raise ResolveRefused(
             f"could not read the decision log: {redact(str(e))}; nothing was done"
         ) from None
+    except NotPrimary as e:  # its decisions may lag behind the primary's
+        lconn.close()
+        raise ResolveRefused(str(e)) from e
     except BaseException:
         lconn.close()
         raise

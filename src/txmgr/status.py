@@ -43,6 +43,7 @@ from txmgr import log as decision_log
 from txmgr._connections import LOG_KEY, ConnectionCache
 from txmgr._dsn import redact
 from txmgr._gid import Gid
+from txmgr._primary import require_primary
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
 from txmgr.paxos._core import Outcome as PaxosOutcome
@@ -138,10 +139,11 @@ SELECT px.gid, px.prepared, px.owner, px.age, px.xid_age,
            JOIN conflicts c ON c.held = h.mode AND c.wanted = w.mode
            WHERE h.gid = px.gid
            ORDER BY w.pid
-       ) AS blocked
-FROM px
+       ) AS blocked,
+       one.in_recovery
+FROM (SELECT pg_is_in_recovery() AS in_recovery) AS one LEFT JOIN px ON true
 ORDER BY px.prepared, px.gid
-"""
+"""  # the last column: see txmgr._primary (the row of `one` is there when nothing is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,10 +379,10 @@ class Inspector:
         listed: list[tuple[str, tuple[Any, ...]]] = []
         for name, dsn in self.config.participants.items():
             try:
-                cur = self._conn(name, dsn, name).execute(
-                    _BRANCHES_SQL, {"held": _HELD, "wanted": _WANTED}
-                )
-                listed.extend((name, row) for row in cur.fetchall())
+                conn = self._conn(name, dsn, name)
+                rows = conn.execute(_BRANCHES_SQL, {"held": _HELD, "wanted": _WANTED}).fetchall()
+                require_primary(rows[0][-1], f"participant {name!r}", name, conn.info.dsn)
+                listed.extend((name, row[:-1]) for row in rows if row[0] is not None)
             except (psycopg.Error, TxmgrError) as e:
                 self._drop(name)
                 report.unreachable[name] = redact(str(e))

@@ -75,6 +75,11 @@ class Cluster:
     def stop(self, mode: str) -> None:
         self._checked("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
 
+    def promote(self) -> None:
+        """``pg_ctl -w promote``: end recovery; returns once the server accepts writes."""
+        self._checked("pg_ctl", "-D", str(self.data_dir), "-w", "-t", str(int(self.timeout)),
+                      "promote")
+
     def is_running(self) -> bool:
         if not self.data_dir.is_dir():
             return False

@@ -16,6 +16,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn, Self
 from urllib.parse import quote
 
+import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._admin import DatabaseAdmin, Server
@@ -212,6 +214,33 @@ class PgServer(DatabaseAdmin):
         """Start again on the same data directory and port (stopping it first if needed)."""
         self.stop("fast")
         self._pg_ctl_start()
+
+    def pause_replay(self) -> None:
+        """Stop a standby applying WAL (``pg_wal_replay_pause()``): it keeps receiving
+        but lags from now on, as an asynchronous replica under load does."""
+        self._replay_control("pg_wal_replay_pause")
+
+    def resume_replay(self) -> None:
+        """Let a paused standby apply WAL again (``pg_wal_replay_resume()``)."""
+        self._replay_control("pg_wal_replay_resume")
+
+    def promote(self) -> None:
+        """Make a standby a primary (``pg_ctl promote``); returns once it accepts writes."""
+        if self._primary is None:
+            raise PgServerError("promote() needs a standby (made by standby_of())")
+        self._started().promote()
+        self._primary = None  # a primary now: a restart() must not make it a standby again
+
+    def fence(self) -> None:
+        """Fence this (old primary) server as a failover manager would: stop it at once,
+        so that no client reaches it any more and only the promoted standby answers."""
+        self.stop("immediate")
+
+    def _replay_control(self, function: str) -> None:
+        if self._primary is None:
+            raise PgServerError(f"{function}() needs a standby (made by standby_of())")
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("SELECT {}()").format(sql.Identifier(function)))
 
     def is_running(self) -> bool:
         """Whether the server process is up."""

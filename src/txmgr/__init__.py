@@ -45,6 +45,7 @@ from txmgr.errors import (
     TransactionStateError,
     TxmgrError,
     UnknownParticipant,
+    UnsupportedPoolMode,
     UnsupportedServer,
 )
 from txmgr.hooks import Hooks
@@ -86,6 +87,7 @@ __all__ = [
     "TransactionStateError",
     "TxmgrError",
     "UnknownParticipant",
+    "UnsupportedPoolMode",
     "UnsupportedServer",
     "migrate",
     "recover",

@@ -13,7 +13,8 @@ The tree::
     │   ├── ParticipantUnavailable   cannot connect (host down, wrong password, …)
     │   ├── PreparedTransactionsDisabled   max_prepared_transactions = 0
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
-    │   └── UnsupportedServer        PostgreSQL older than 13
+    │   ├── UnsupportedServer        PostgreSQL older than 13
+    │   └── UnsupportedPoolMode      a pooler that cannot keep a transaction on one server
     ├── LogSchemaError               decision log schema missing or out of date
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
     ├── TransactionStateError        the API was used in the wrong order
@@ -49,6 +50,7 @@ __all__ = [
     "TransactionStateError",
     "TxmgrError",
     "UnknownParticipant",
+    "UnsupportedPoolMode",
     "UnsupportedServer",
 ]
 
@@ -92,6 +94,12 @@ class ParticipantReadOnly(ParticipantError):
 
 class UnsupportedServer(ParticipantError):
     """The server is older than PostgreSQL 13 (txmgr needs ``pg_xact_status(xid8)``)."""
+
+
+class UnsupportedPoolMode(ParticipantError):
+    """The connection goes through a pooler that hands out a server per statement
+    (PgBouncer's ``pool_mode = statement``): no branch, no decision transaction
+    can span two statements there. Use ``pool_mode = transaction`` or ``session``."""
 
 
 class LogSchemaError(TxmgrError):

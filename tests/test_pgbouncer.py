@@ -24,7 +24,7 @@ from txmgr._connections import ConnectionCache
 from txmgr._leader import LeaderLock, lock_key
 from txmgr.hooks import Hooks
 from txmgr.testing import PgBouncer, Server
-from txmgr.testing.pytest_plugin import MakePgBouncer
+from txmgr.testing.pytest_plugin import MakeDatabase, MakePgBouncer
 
 TIMEOUT = 2.0  # connect_timeout of the managers: a refused pool shows quickly
 
@@ -58,7 +58,7 @@ def dbname(dsn: str) -> str:
 # -- finding 3: safety settings are not startup parameters ----------------------
 
 
-def test_stock_pgbouncer_commits_and_a_refused_pool_shows_the_poolers_message(
+def test_stock_pgbouncer_commits_txmgr_sends_no_startup_options(
     make_bank: MakeBank, pg_servers: list[Server], pgbouncers: MakePgBouncer
 ) -> None:
     direct = one_server_bank(make_bank, pg_servers)
@@ -68,8 +68,25 @@ def test_stock_pgbouncer_commits_and_a_refused_pool_shows_the_poolers_message(
     # Stock PgBouncer refuses libpq options; txmgr sends none of its own.
     move(tm, 5, "a", "b")
     assert (direct.balance("a"), direct.balance("b")) == (START - 5, START + 5)
-
     tm.close()
+
+
+def test_options_in_a_users_dsn_show_pgbouncers_refusal_verbatim(
+    make_bank: MakeBank, pg_servers: list[Server], pgbouncers: MakePgBouncer
+) -> None:
+    direct = one_server_bank(make_bank, pg_servers)
+    bouncer = pgbouncers("transaction")
+    log = bouncer.route(direct.log) + " options='-c statement_timeout=0'"
+    tm = txmgr.TransactionManager(routed(direct, bouncer).dsns, log, connect_timeout=TIMEOUT)
+    try:
+        with pytest.raises(txmgr.ParticipantUnavailable) as err:
+            tm.check()
+    finally:
+        tm.close()
+    text = str(err.value)
+    assert "unsupported startup parameter: options" in text, text
+    password = pg_servers[0].password
+    assert password and password not in text
 
 
 def test_a_pool_refused_by_pgbouncer_shows_pgbouncers_message(
@@ -178,6 +195,92 @@ def test_a_hung_coordinators_decision_is_aborted_by_the_server_through_pgbouncer
     tm.close()
 
 
+def _waiting_query(direct_dsn: str) -> str | None:
+    """The text of a statement waiting for a lock in ``direct_dsn``'s database."""
+    rows = query(direct_dsn, "SELECT query FROM pg_stat_activity WHERE datname = "
+                 "current_database() AND wait_event_type = 'Lock'")
+    return str(rows[0][0]) if rows else None
+
+
+def test_recovery_statements_on_the_log_carry_their_lock_timeout_through_pgbouncer(
+    make_bank: MakeBank, pg_servers: list[Server], pgbouncers: MakePgBouncer
+) -> None:
+    direct = one_server_bank(make_bank, pg_servers)
+    # options dropped: a session setting would silently not be there.
+    bank = routed(direct, pgbouncers("transaction", ignore_startup_parameters=("options",)))
+    seen: list[str] = []
+    reports: list[txmgr.RecoveryReport] = []
+    with psycopg.connect(direct.log) as blocker:
+        blocker.execute("LOCK TABLE txmgr_decision IN ACCESS EXCLUSIVE MODE")
+        worker = threading.Thread(target=lambda: reports.append(txmgr.recover(bank.config())))
+        worker.start()
+        def waiting() -> bool:
+            text = _waiting_query(direct.log)
+            if text is not None:
+                seen.append(text)
+            return text is not None
+
+        try:
+            _wait_until("recovery to wait for the lock", waiting)
+        finally:
+            blocker.rollback()
+            worker.join()
+    # The statement that waited was sent behind its own SET LOCAL lock_timeout.
+    assert "SET LOCAL lock_timeout = '10s'" in seen[0], seen
+    assert "txmgr_decision" in seen[0], seen
+    assert reports and reports[0].ok, reports
+
+
+def test_paxos_acceptor_writes_commit_synchronously_through_transaction_pooling(
+    make_bank: MakeBank, make_database: MakeDatabase, pg_servers: list[Server],
+    pgbouncers: MakePgBouncer,
+) -> None:
+    direct = one_server_bank(make_bank, pg_servers)
+    acceptors = [make_database(pg_servers[0]) for _ in range(3)]
+    for dsn in acceptors:
+        txmgr.migrate(dsn)
+        query(dsn, sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
+            sql.Identifier(dbname(dsn))).as_string())
+    bouncer = pgbouncers("transaction", ignore_startup_parameters=("options",))
+    bank = routed(direct, bouncer)
+    routed_acceptors = [bouncer.route(d) for d in acceptors]
+    tm = txmgr.TransactionManager(
+        bank.dsns, log=txmgr.PaxosLog(routed_acceptors, connect_timeout=5), connect_timeout=5)
+    errors: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(10):
+            try:
+                src, dst = rng.sample(["a", "b"], 2)
+                move(tm, rng.randint(1, 9), src, dst, account=rng.randint(1, 4))
+            except BaseException as e:  # collected, the test fails below
+                errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [], errors[:3]
+        assert direct.total() == direct.expected_total
+        assert direct.prepared() == []
+        # What the acceptors' server sessions ran last: statements as text, each
+        # behind its own SET LOCAL synchronous_commit = on (the database default
+        # is off), never a prepared statement of another session.
+        texts = [str(r[0]) for d in acceptors for r in query(
+            d, "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND query LIKE '%%txmgr_paxos%%'")]
+        assert texts, "no acceptor statement seen"
+        for text in texts:
+            assert "EXECUTE " not in text and "PREPARE " not in text, text
+            assert "SET LOCAL synchronous_commit = o" in text, text
+        assert any("SET LOCAL synchronous_commit = on" in t for t in texts), texts
+    finally:
+        tm.close()
+
+
 # -- finding 4: transaction pooling ---------------------------------------------
 
 
@@ -190,7 +293,9 @@ def test_transaction_pooling_concurrent_transfers_prepare_nothing_and_keep_the_t
     # 3): a COMMIT PREPARED needs a server session, and with every session taken
     # by transactions waiting for the prepared branch's row locks it would wait
     # for ever.
-    bank = routed(direct, pgbouncers("transaction", pool_size=10))
+    # (options dropped, not refused: this is about prepared statements alone.)
+    bank = routed(direct, pgbouncers("transaction", pool_size=10,
+                                     ignore_startup_parameters=("options",)))
     names = sorted(bank.dsns)
     managers = [bank.manager(connect_timeout=10, pool_max_size=3) for _ in range(3)]
     errors: list[BaseException] = []
@@ -297,6 +402,27 @@ def test_two_daemons_through_transaction_pooling_never_both_active(
     finally:
         first.release()
         second.release()
+
+
+def test_the_leaders_open_transaction_holds_no_snapshot(
+    make_bank: MakeBank, pg_servers: list[Server]
+) -> None:
+    direct = one_server_bank(make_bank, pg_servers)
+    # A database whose transactions default to one snapshot for their whole life:
+    # the leader's transaction, open for as long as it leads, must not hold one
+    # (it would keep vacuum from removing any row version in the cluster).
+    query(direct.log, sql.SQL(
+        "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'").format(
+        sql.Identifier(dbname(direct.log))).as_string())
+    leader = LeaderLock(direct.log, connect_timeout=5, application_name="txmgr-leader-test")
+    try:
+        assert leader.ensure() == "active"
+        assert leader.ensure() == "active"
+        rows = query(direct.log, "SELECT state, backend_xmin::text FROM pg_stat_activity "
+                     "WHERE application_name = 'txmgr-leader-test'")
+        assert rows == [("idle in transaction", None)], rows
+    finally:
+        leader.release()
 
 
 def test_statement_pooling_is_refused_naming_pool_mode(

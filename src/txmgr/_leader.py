@@ -21,7 +21,8 @@ is ``dead_peer_after``: a daemon that stops coming back (frozen, or a pass far
 longer than its interval) loses the lock and a standby takes over; the
 server's TCP keepalives (on a direct connection) end the session of a daemon
 that vanished from the network. The transaction has no xid and, between its
-statements, no snapshot: it holds back no vacuum.
+statements, no snapshot (it is READ COMMITTED whatever the database's default
+isolation): it holds back no vacuum.
 
 Safety never depends on this lock (recovery is idempotent); it only keeps
 several daemons from doing the same work at once.
@@ -146,11 +147,17 @@ class LeaderLock:
 
     def _try_lock(self, conn: psycopg.Connection[Any], key: int) -> bool:
         """Open the leader's transaction and try the lock in it, one round trip; a
-        transaction that did not get the lock is ended at once."""
+        transaction that did not get the lock is ended at once.
+
+        READ COMMITTED whatever ``default_transaction_isolation`` says: then the
+        transaction holds no snapshot between its statements, so staying open
+        for as long as the daemon leads holds back no vacuum.
+        """
         idle = self._keepalive_idle()
         cur = psycopg.ClientCursor(conn)
         cur.execute(sql.SQL(
-            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; "
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+            "SET LOCAL idle_in_transaction_session_timeout = {}; "
             "SET LOCAL tcp_keepalives_idle = {}; SET LOCAL tcp_keepalives_interval = {}; "
             "SET LOCAL tcp_keepalives_count = 2; SELECT pg_try_advisory_xact_lock({}::bigint)"
         ).format(sql.Literal(int(self._dead_peer_after * 1000)), sql.Literal(idle),

@@ -125,12 +125,14 @@ class PgBouncer:
 
     @property
     def port(self) -> int:
+        """The loopback port it listens on (PgServerError before start)."""
         if self._port is None:
             raise PgServerError("PgBouncer has not been started yet")
         return self._port
 
     @property
     def log_file(self) -> Path:
+        """PgBouncer's own log (while running)."""
         if self._base is None:
             raise PgServerError("PgBouncer has not been started yet")
         return self._base / "pgbouncer.log"

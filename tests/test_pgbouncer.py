@@ -457,3 +457,26 @@ def test_session_pooling_commits_and_recovers(
     assert direct.prepared() == []
     assert (direct.balance("a"), direct.balance("b")) == (START - 12, START + 12)
     assert direct.decisions() == []
+
+
+def test_prepare_threshold_setting_reaches_participants_and_paxos_links() -> None:
+    base = {"participants": {"a": "host=x dbname=a", "b": "host=x dbname=b"},
+            "log": {"dsn": "host=x dbname=log"}}
+    assert txmgr.Config.from_mapping(base).prepare_threshold == 5  # psycopg's default
+    off = txmgr.Config.from_mapping({**base, "pool": {"prepare_threshold": "off"}})
+    assert off.prepare_threshold is None
+    tm = txmgr.TransactionManager.from_config(off)
+    try:
+        assert tm.participant("a")._prepare_threshold is None
+    finally:
+        tm.close()
+    paxos = txmgr.Config.from_mapping({
+        "participants": base["participants"], "pool": {"prepare_threshold": 2},
+        "log": {"mode": "paxos", "dsns": ["host=x dbname=l1", "host=x dbname=l2",
+                                          "host=x dbname=l3"]}})
+    log = paxos.paxos_log
+    assert log is not None and [link.prepare_threshold for link in log.links] == [2, 2, 2]
+    log.close()
+    for bad in ("sometimes", -1, True):
+        with pytest.raises(txmgr.ConfigError, match="prepare_threshold"):
+            txmgr.Config.from_mapping({**base, "pool": {"prepare_threshold": bad}})

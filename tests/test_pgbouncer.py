@@ -8,6 +8,7 @@ statement mode.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -340,6 +341,34 @@ def test_transaction_pooling_concurrent_transfers_prepare_nothing_and_keep_the_t
         assert cache.get("x", direct.dsns["a"]).prepare_threshold == 5  # direct: kept
     finally:
         cache.close()
+
+
+def test_async_manager_through_transaction_pooling_prepares_nothing(
+    make_bank: MakeBank, pg_servers: list[Server], pgbouncers: MakePgBouncer
+) -> None:
+    direct = one_server_bank(make_bank, pg_servers)
+    bank = routed(direct, pgbouncers("transaction", pool_size=10,
+                                     ignore_startup_parameters=("options",)))
+
+    async def client(tm: txmgr.AsyncTransactionManager, seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(10):  # the same statements again and again: past psycopg's 5
+            src, dst = rng.sample(["a", "b"], 2)
+            amount = rng.randint(1, 9)
+            async with tm.transaction() as tx:
+                for name in sorted((src, dst)):
+                    await (await tx.connection(name)).execute(
+                        "UPDATE accounts SET balance = balance + %s WHERE id = %s",
+                        (amount if name == dst else -amount, rng.randint(1, 4)))
+
+    async def scenario() -> None:
+        async with txmgr.AsyncTransactionManager(bank.dsns, bank.log, connect_timeout=10,
+                                                 pool_max_size=3) as tm:
+            await asyncio.gather(*(client(tm, i) for i in range(3)))
+
+    asyncio.run(scenario())
+    assert direct.total() == direct.expected_total
+    assert direct.prepared() == []
 
 
 def _advisory_holders(direct_log: str, logid: str) -> int:

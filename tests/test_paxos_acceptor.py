@@ -200,12 +200,13 @@ def test_registration_commits_asynchronously_and_decisions_durably(
             assert job.rows == [(setting,)]
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     t = new_txid()
-    assert register_query(t).as_string().startswith("SET LOCAL synchronous_commit = off;")
-    for query in (prepare_query(t, 5), accept_query(t, 0, COMMIT), forget_query([t],
-                                                                                keep_commit=True)):
-        assert query.as_string().startswith("EXECUTE ")  # the session's setting: on
-    # Even where the database's default is off, a PaxosLog session commits
-    # durably: its startup options win over database and role settings.
+    assert "SET LOCAL synchronous_commit = off; EXECUTE " in register_query(t).as_string()
+    durable = (prepare_query(t, 5), accept_query(t, 0, COMMIT), forget_query([t],
+                                                                             keep_commit=True))
+    for query in durable:
+        assert "SET LOCAL synchronous_commit = on; EXECUTE " in query.as_string()
+    # Even where the database's default is off (or a pooler dropped startup
+    # options), a durable statement commits durably: its own SET LOCAL wins.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} SET synchronous_commit = off").format(
             sql.Identifier(dbname(dsn))))
@@ -216,7 +217,12 @@ def test_registration_commits_asynchronously_and_decisions_durably(
         conn = log.links[0].checkout(5)
         assert conn is not None
         try:
-            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+            for query in durable:
+                head = query.as_string(conn).split("EXECUTE ", 1)[0]
+                job = Job(conn, (head + "SELECT current_setting('synchronous_commit')").encode())
+                run_all([job])
+                assert job.rows == [("on",)]
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)  # no leak
         finally:
             log.links[0].release(conn, broken=False)
     finally:
@@ -226,7 +232,7 @@ def test_registration_commits_asynchronously_and_decisions_durably(
 def test_the_acceptor_statements_find_slots_by_key(make_database: MakeDatabase) -> None:
     # With the statistics of a small table, generic plans would scan it whole
     # on every statement (and it grows with dead rows between vacuums); the
-    # sessions of a PaxosLog keep them to lookups by txid.
+    # settings every statement is sent with keep them to lookups by txid.
     dsn = make_database()
     install(dsn)
     txids = [new_txid() for _ in range(1000)]
@@ -248,8 +254,12 @@ def test_the_acceptor_statements_find_slots_by_key(make_database: MakeDatabase) 
         try:
             run(conn, read_query([txids[0]]))  # prepares the statements
             for statement in statements:
-                body = statement.as_string(conn).split("EXECUTE ", 1)[1]
-                plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN EXECUTE {body}"))
+                # Explained behind the settings the statement is sent with.
+                head, body = statement.as_string(conn).split("EXECUTE ", 1)
+                job = Job(conn, f"{head}EXPLAIN EXECUTE {body}".encode())
+                run_all([job])
+                assert job.rows is not None and job.error is None, job.error
+                plan = "\n".join(str(r[0]) for r in job.rows)
                 assert "Seq Scan on txmgr_paxos " not in plan, plan
                 assert "Index Scan using txmgr_paxos_pkey" in plan, plan
         finally:

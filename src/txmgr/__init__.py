@@ -47,6 +47,7 @@ from txmgr.errors import (
     TransactionStateError,
     TxmgrError,
     UnknownParticipant,
+    UnsupportedPoolMode,
     UnsupportedServer,
 )
 from txmgr.hooks import Hooks
@@ -90,6 +91,7 @@ __all__ = [
     "TransactionStateError",
     "TxmgrError",
     "UnknownParticipant",
+    "UnsupportedPoolMode",
     "UnsupportedServer",
     "migrate",
     "recover",

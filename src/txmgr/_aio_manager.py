@@ -65,6 +65,7 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
             min_size=self.config.pool_min_size,
             max_size=self.config.pool_max_size,
             connect_timeout=self.config.connect_timeout,
+            prepare_threshold=self.config.prepare_threshold,
         )
 
     # -- public API ---------------------------------------------------------
@@ -159,7 +160,10 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
         try:
             return await pool.getconn(timeout=self.config.connect_timeout if wait else 0.001)
         except psycopg_pool.PoolTimeout as e:
-            raise ParticipantUnavailable(self._log_unavailable(), participant="log") from e
+            if not wait:  # the caller opens the decision later, on a waited connection
+                raise ParticipantUnavailable("no idle log connection", participant="log") from e
+            why = await asyncio.to_thread(self._log_unavailable)
+            raise ParticipantUnavailable(why, participant="log") from e
 
     async def release_log_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Give a connection of :meth:`log_connection` back to its pool."""

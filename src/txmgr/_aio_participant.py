@@ -13,6 +13,7 @@ import asyncio
 import psycopg_pool
 
 from txmgr._branch import AsyncBranchConnection
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD
 from txmgr.participant import ParticipantBase
 
 __all__ = ["AsyncParticipant"]
@@ -29,9 +30,11 @@ class AsyncParticipant(ParticipantBase):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
         super().__init__(
-            name, dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout
+            name, dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout,
+            prepare_threshold=prepare_threshold,
         )
         self._lock = asyncio.Lock()  # binds to the loop of its first use
         self._pool: psycopg_pool.AsyncConnectionPool[AsyncBranchConnection] | None = None
@@ -61,7 +64,7 @@ class AsyncParticipant(ParticipantBase):
         try:
             return await pool.getconn(timeout=self._connect_timeout)
         except psycopg_pool.PoolTimeout as e:
-            raise self._timeout_error() from e
+            raise await asyncio.to_thread(self._timeout_error) from e
 
     async def release(self, conn: AsyncBranchConnection) -> None:
         """Give a connection back; the pool rolls back anything left open."""

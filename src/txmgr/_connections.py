@@ -3,11 +3,13 @@
 Recovery passes and status looks run again and again (the daemon): they keep
 one connection per participant and one to the log, open a new one when the
 old one broke, and drop one after an error so the next use reconnects. Their
-sessions wait at most :data:`LOCK_TIMEOUT` for a lock (a DDL lock on the log
-tables, a row a hung coordinator holds): the pass reports it and the next one
-tries again, instead of the daemon hanging. A new connection that reaches a
-hot standby is refused (NotPrimary): recovery, status and the daemon never
-read a decision or list prepared transactions there.
+statements on the log wait at most :data:`txmgr.log.LOCK_TIMEOUT` for a lock
+(set inside each statement's transaction, see :mod:`txmgr.log`, not as a
+session option a pooler would refuse or drop). A new connection is inspected
+once (:func:`txmgr._pooler.inspect`): through a pooler it prepares nothing,
+and statement pooling is refused. A new connection that reaches a hot standby
+is refused (NotPrimary): recovery, status and the daemon never read a decision
+or list prepared transactions there.
 """
 
 from __future__ import annotations
@@ -16,22 +18,29 @@ from typing import Any
 
 import psycopg
 
-from txmgr._dsn import session_options
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
 from txmgr._primary import IN_RECOVERY, require_primary
+from txmgr.log import LOCK_TIMEOUT
 from txmgr.participant import connect
 
 __all__ = ["LOCK_TIMEOUT", "LOG_KEY", "ConnectionCache"]
 
 LOG_KEY = "\0log"  # cannot clash with a participant name
-LOCK_TIMEOUT = "10s"
 
 
 class ConnectionCache:
     """Autocommit connections by key (a participant name, or :data:`LOG_KEY`)."""
 
-    def __init__(self, *, connect_timeout: float, application_name: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        application_name: str | None = None,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
+    ) -> None:
         self._connect_timeout = connect_timeout
         self._application_name = application_name
+        self._prepare_threshold = prepare_threshold
         self._conns: dict[str, psycopg.Connection[Any]] = {}
 
     def get(self, key: str, dsn: str, name: str | None = None) -> psycopg.Connection[Any]:
@@ -45,19 +54,20 @@ class ConnectionCache:
             name or key,
             connect_timeout=self._connect_timeout,
             autocommit=True,
-            options=session_options(dsn, {"lock_timeout": LOCK_TIMEOUT}),
             **extra,
         )
         # A new session may land on a standby (a multi-host DSN after a failover):
         # refuse it before anything uses it. The statements that read decisions
         # or list prepared transactions check again on every use (txmgr._primary).
         try:
+            pooled = inspect(conn, name or key)
             row = conn.execute("SELECT " + IN_RECOVERY).fetchone()
             what = "the decision log" if key == LOG_KEY else f"participant {name or key!r}"
             require_primary(row[0] if row else None, what, name or key, dsn)
         except BaseException:
             conn.close()
             raise
+        conn.prepare_threshold = prepare_threshold(self._prepare_threshold, pooled=pooled)
         self._conns[key] = conn
         return conn
 

@@ -76,10 +76,9 @@ class Decision:
             participants,
             idle_timeout=self._tm.config.log_idle_timeout,
             forget=self.forget,
-            # A dedicated log connection is idle and carries the settings for
-            # its whole session; the log participant's branch is mid-transaction.
+            # A dedicated log connection is idle; the log participant's branch
+            # is mid-transaction.
             begin=self.conn.info.transaction_status == TransactionStatus.IDLE,
-            session_settings=self._owned,
         )
         return Job(self.conn, query.as_bytes(self.conn))
 

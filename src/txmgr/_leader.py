@@ -1,10 +1,28 @@
-"""Which of several daemons sharing one decision log is active: a session advisory lock.
+"""Which of several daemons sharing one decision log is active: an advisory lock
+held by an open transaction.
 
-The active daemon holds ``pg_try_advisory_lock(key)`` on a connection of its
-own to the log database; ``key`` is derived from the logid, so daemons that
-reach the same log through different DSNs still compete for one lock. The lock
-lives as long as that session: when the daemon is SIGKILLed, or its connection
-dies, the server releases it and a standby's next attempt wins.
+The active daemon holds ``pg_try_advisory_xact_lock(key)`` in a transaction it
+keeps open on a connection of its own to the log database; ``key`` is derived
+from the logid, so daemons that reach the same log through different DSNs
+still compete for one lock. Each pass proves the transaction (and so the lock)
+still exists with a ``SELECT 1`` inside it.
+
+Why a transaction and not the session: through a pooler in transaction mode
+(PgBouncer) a session advisory lock belongs to whichever server session ran the
+statement. Two daemons were active at once (the second one's try ran on the
+session that already held the lock, which is re-entrant), and the lock
+outlived every daemon on a pooled server session. A transaction, by contrast,
+stays on one server session for as long as it is open, in every pool mode;
+when the daemon dies (SIGKILL, lost network), its server session ends (direct)
+or is closed by the pooler (a client gone mid-transaction), and the lock with
+it. Its settings are ``SET LOCAL``: nothing leaks into the pooled session
+another client gets next. ``idle_in_transaction_session_timeout`` inside it
+is ``dead_peer_after``: a daemon that stops coming back (frozen, or a pass far
+longer than its interval) loses the lock and a standby takes over; the
+server's TCP keepalives (on a direct connection) end the session of a daemon
+that vanished from the network. The transaction has no xid and, between its
+statements, no snapshot (it is READ COMMITTED whatever the database's default
+isolation): it holds back no vacuum.
 
 Safety never depends on this lock (recovery is idempotent); it only keeps
 several daemons from doing the same work at once.
@@ -27,6 +45,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 
 from txmgr import log as decision_log
 from txmgr._dsn import mask, redact
@@ -90,7 +109,8 @@ class LeaderLock:
         conn = self._conn
         if conn is not None:
             try:
-                # A cheap round trip proves the session (and so the lock) still exists.
+                # A cheap round trip proves the transaction (and so the lock) still
+                # exists; for a standby, that the connection works.
                 conn.execute("SELECT 1")
                 if self._held:
                     return "active"
@@ -102,7 +122,7 @@ class LeaderLock:
                         extra={"event": "lost_leadership"},
                     )
                 self._close()
-        row: tuple[Any, ...] | None = None
+        taken = False
         errors: list[str] = []
         # A kept session stays on its database; a new one starts from the first.
         for dsn in (self._dsn,) if self._conn is not None else self._dsns:
@@ -110,9 +130,7 @@ class LeaderLock:
                 self._dsn = dsn
                 conn = self._conn or self._connect()
                 self.logid = decision_log.read_logid(conn, dsn)
-                row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s::bigint)", (lock_key(self.logid),)
-                ).fetchone()
+                taken = self._try_lock(conn, lock_key(self.logid))
                 break
             except (psycopg.Error, TxmgrError) as e:
                 prefix = f"{mask(dsn)}: " if len(self._dsns) > 1 else ""
@@ -122,22 +140,51 @@ class LeaderLock:
             self.last_error = "; ".join(errors)
             return "unreachable"
         self.last_error = None
-        self._held = bool(row and row[0])
+        self._held = taken
         if self._held:
             self.acquisitions += 1
         return "active" if self._held else "standby"
 
+    def _try_lock(self, conn: psycopg.Connection[Any], key: int) -> bool:
+        """Open the leader's transaction and try the lock in it, one round trip; a
+        transaction that did not get the lock is ended at once.
+
+        READ COMMITTED whatever ``default_transaction_isolation`` says: then the
+        transaction holds no snapshot between its statements, so staying open
+        for as long as the daemon leads holds back no vacuum.
+        """
+        idle = self._keepalive_idle()
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(sql.SQL(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+            "SET LOCAL idle_in_transaction_session_timeout = {}; "
+            "SET LOCAL tcp_keepalives_idle = {}; SET LOCAL tcp_keepalives_interval = {}; "
+            "SET LOCAL tcp_keepalives_count = 2; SELECT pg_try_advisory_xact_lock({}::bigint)"
+        ).format(sql.Literal(int(self._dead_peer_after * 1000)), sql.Literal(idle),
+                 sql.Literal(idle), sql.Literal(key)))
+        while cur.nextset():
+            pass
+        row = cur.fetchone()
+        taken = bool(row and row[0])
+        if not taken:
+            conn.execute("ROLLBACK")
+        return taken
+
     def release(self) -> None:
-        """Give the lock up (closing the session releases it in any case)."""
+        """Give the lock up (closing the session, or the pooler, releases it in any case)."""
         conn = self._conn
-        if conn is not None and self._held and self.logid is not None:
-            # Closing the session below releases it as well, should this fail.
+        if conn is not None and self._held:
             with contextlib.suppress(psycopg.Error):
-                conn.execute("SELECT pg_advisory_unlock(%s::bigint)", (lock_key(self.logid),))
+                conn.execute("ROLLBACK")  # ends the transaction, and with it the lock
         self._close()
 
+    def _keepalive_idle(self) -> int:
+        return max(1, round(self._dead_peer_after / 3))
+
     def _connect(self) -> psycopg.Connection[Any]:
-        idle = max(1, round(self._dead_peer_after / 3))
+        idle = self._keepalive_idle()
+        # autocommit: the leader's transaction is opened by an explicit BEGIN,
+        # together with its settings and the lock (see _try_lock).
         conn = connect(
             self._dsn,
             self._name,
@@ -151,15 +198,6 @@ class LeaderLock:
             keepalives_count=2,
             tcp_user_timeout=int(self._dead_peer_after * 1000),
         )
-        try:
-            # Server side: end the session of a vanished daemon so that its lock
-            # is released (ignored over Unix sockets, where death is seen at once).
-            conn.execute("SELECT set_config('tcp_keepalives_idle', %s, false)", (str(idle),))
-            conn.execute("SELECT set_config('tcp_keepalives_interval', %s, false)", (str(idle),))
-            conn.execute("SELECT set_config('tcp_keepalives_count', '2', false)")
-        except psycopg.Error:
-            conn.close()
-            raise
         self._conn = conn
         return conn
 

@@ -21,10 +21,17 @@ import psycopg
 
 from txmgr import log as decision_log
 from txmgr._dsn import mask
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
 from txmgr.config import Config
 from txmgr.errors import ConfigError, TransactionStateError, UnknownParticipant
 from txmgr.hooks import Hooks
-from txmgr.participant import ParticipantBase, check_server, connect, network_defaults
+from txmgr.participant import (
+    ParticipantBase,
+    check_server,
+    connect,
+    network_defaults,
+    unreachable_reason,
+)
 from txmgr.paxos._log import PaxosLog
 
 __all__ = ["FORGET_BATCH", "ManagerBase"]
@@ -49,6 +56,7 @@ class ManagerBase(Generic[P]):
         pool_max_size: int = 10,
         connect_timeout: float = 10.0,
         step_timeout: float | None = None,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
         hooks: Hooks | None = None,
     ) -> None:
         config = Config(
@@ -59,6 +67,7 @@ class ManagerBase(Generic[P]):
             pool_max_size=pool_max_size,
             connect_timeout=connect_timeout,
             step_timeout=step_timeout,
+            prepare_threshold=prepare_threshold,
         )
         self._init(config, hooks)
 
@@ -79,6 +88,7 @@ class ManagerBase(Generic[P]):
             name: self._new_participant(name, dsn) for name, dsn in config.participants.items()
         }
         self._logid: str | None = None  # read (and schema checked) before the first transaction
+        self._log_pooled = True  # the log reached through a pooler? (until _read_logid looks)
         self._forget: list[str] = []  # txids whose branches are all committed
         self._forget_lock = threading.Lock()
         self._closed = False
@@ -157,6 +167,7 @@ class ManagerBase(Generic[P]):
         with connect(
             self.config.log_dsn, name, connect_timeout=self.config.connect_timeout
         ) as conn:
+            self._log_pooled = inspect(conn, name)
             # A dedicated log needs no prepared transactions; a participant does
             # and is checked when first used.
             check_server(conn, name, needs_prepare=False)
@@ -194,15 +205,22 @@ class ManagerBase(Generic[P]):
                 **network_defaults(self.config.log_dsn),
                 "connect_timeout": max(1, round(self.config.connect_timeout)),
                 "autocommit": True,
-                "options": decision_log.log_session_options(
-                    self.config.log_dsn, self.config.log_idle_timeout
+                # No libpq options: what L needs it sets inside L (a pooler
+                # refuses or drops startup parameters, see txmgr.log).
+                "prepare_threshold": prepare_threshold(
+                    self.config.prepare_threshold, pooled=self._log_pooled
                 ),
             },
             "name": "txmgr-log",
         }
 
     def _log_unavailable(self) -> str:
+        """The log pool had no connection in time: say why (blocking: connects once)."""
+        why = unreachable_reason(
+            self.config.log_dsn, "log", connect_timeout=self.config.connect_timeout
+        )
         return (
             f"no connection to the decision log at {mask(self.config.log_dsn)} within "
-            f"{self.config.connect_timeout:g}s"
+            f"{self.config.connect_timeout:g}s: "
+            + (why or f"the pool (max_size={self.config.pool_max_size}) is exhausted")
         )

@@ -18,6 +18,7 @@ A file looks like::
     [pool]
     min_size = 1
     max_size = 10
+    prepare_threshold = 5                   # or "off"; always off through a pooler
 
     [recovery]
     interval = 10
@@ -42,6 +43,7 @@ import psycopg.conninfo
 
 from txmgr._dsn import mask
 from txmgr._gid import check_participant_name
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD
 from txmgr.errors import ConfigError
 from txmgr.paxos._log import PaxosLog
 
@@ -76,6 +78,12 @@ class Config:
     #: still acknowledges TCP, which no keepalive notices. Off by default: a
     #: PREPARE or COMMIT running long deferred triggers is not a dead server.
     step_timeout: float | None = None
+    #: psycopg's ``prepare_threshold`` for txmgr's long-lived connections (pools,
+    #: recovery): executions before a query is prepared on the server; None:
+    #: never. Whatever it says, a connection found to go through a pooler
+    #: (PgBouncer) never prepares anything (see :mod:`txmgr._pooler`): a pooled
+    #: server session would run one client's statement for another.
+    prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD
     recovery_interval: float = 10.0
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
@@ -112,6 +120,15 @@ class Config:
         if self.step_timeout is not None:
             _positive("step_timeout", self.step_timeout)
         _positive("recovery interval", self.recovery_interval)
+        if self.prepare_threshold is not None and (
+            isinstance(self.prepare_threshold, bool) or not isinstance(self.prepare_threshold, int)
+            or self.prepare_threshold < 0
+        ):
+            raise ConfigError(
+                f"prepare_threshold = {self.prepare_threshold!r}: give a whole number >= 0 "
+                "(executions before psycopg prepares a query on the server) or \"off\" "
+                "(never; what a connection through a pooler always gets)"
+            )
         if self.pool_min_size < 0 or self.pool_max_size < max(1, self.pool_min_size):
             raise ConfigError(
                 f"pool sizes min_size={self.pool_min_size}, max_size={self.pool_max_size}: "
@@ -199,15 +216,18 @@ class Config:
                 f"choose one of {sorted(participants)}"
             )
         pool = _table(data, "pool", where, required=False)
-        _only(pool, {"min_size", "max_size", "connect_timeout", "step_timeout"}, "[pool]", where)
+        _only(pool, {"min_size", "max_size", "connect_timeout", "step_timeout",
+                     "prepare_threshold"}, "[pool]", where)
         recovery = _table(data, "recovery", where, required=False)
         _only(recovery, {"interval"}, "[recovery]", where)
         metrics = _table(data, "metrics", where, required=False)
         _only(metrics, {"port", "address"}, "[metrics]", where)
         try:
             connect_timeout = float(pool.get("connect_timeout", 10.0))
+            threshold = _prepare_threshold(pool, where)
             log_value: str | PaxosLog = (
-                PaxosLog(log["dsns"], connect_timeout=connect_timeout)
+                PaxosLog(log["dsns"], connect_timeout=connect_timeout,
+                         prepare_threshold=threshold)
                 if mode == "paxos" else log.get("dsn") or log["participant"]
             )
             return cls(
@@ -219,6 +239,7 @@ class Config:
                 connect_timeout=connect_timeout,
                 step_timeout=(float(pool["step_timeout"]) if "step_timeout" in pool
                               else None),
+                prepare_threshold=threshold,
                 recovery_interval=float(recovery.get("interval", 10.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
                 metrics_address=str(metrics.get("address", "127.0.0.1")),
@@ -247,6 +268,17 @@ def _check_dsn(name: str, dsn: str) -> None:
             f"invalid connection string for {name!r}: {mask(dsn)}; check its syntax (in a "
             "URL, percent-encode special characters of the password, e.g. % as %25)"
         ) from None
+
+
+def _prepare_threshold(pool: Mapping[str, Any], where: str) -> int | None:
+    value = pool.get("prepare_threshold", DEFAULT_PREPARE_THRESHOLD)
+    if value == "off":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"[pool] prepare_threshold = {value!r}{where}: give a whole number >= 0 or \"off\""
+        )
+    return value
 
 
 def _looks_like_dsn(text: str) -> bool:

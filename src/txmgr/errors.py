@@ -15,7 +15,8 @@ The tree::
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
     │   │   └── NotPrimary           a hot standby reached where a decision is read or a
     │   │                            prepared transaction listed or finished
-    │   └── UnsupportedServer        PostgreSQL older than 13
+    │   ├── UnsupportedServer        PostgreSQL older than 13
+    │   └── UnsupportedPoolMode      a pooler that cannot keep a transaction on one server
     ├── LogSchemaError               decision log schema missing or out of date
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
     ├── TransactionStateError        the API was used in the wrong order
@@ -54,6 +55,7 @@ __all__ = [
     "TransactionStateError",
     "TxmgrError",
     "UnknownParticipant",
+    "UnsupportedPoolMode",
     "UnsupportedServer",
 ]
 
@@ -113,6 +115,12 @@ class NotPrimary(ParticipantReadOnly):
 
 class UnsupportedServer(ParticipantError):
     """The server is older than PostgreSQL 13 (txmgr needs ``pg_xact_status(xid8)``)."""
+
+
+class UnsupportedPoolMode(ParticipantError):
+    """The connection goes through a pooler that hands out a server per statement
+    (PgBouncer's ``pool_mode = statement``): no branch, no decision transaction
+    can span two statements there. Use ``pool_mode = transaction`` or ``session``."""
 
 
 class LogSchemaError(TxmgrError):

@@ -37,11 +37,12 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from txmgr._dsn import mask, session_options
+from txmgr._dsn import mask
 from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.errors import LogSchemaError
 
 __all__ = [
+    "LOCK_TIMEOUT",
     "MIN_SCHEMA_REVISION",
     "SCHEMA_REVISION",
     "DecisionRow",
@@ -52,7 +53,6 @@ __all__ = [
     "decision_rows",
     "decision_settings",
     "delete_decisions",
-    "log_session_options",
     "open_decision",
     "read_decisions",
     "read_logid",
@@ -115,15 +115,25 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     return str(logid)
 
 
-#: What every ``L`` outside a dedicated log session runs with. The decision must
-#: survive a crash of the log server before anybody is told it is committed,
-#: whatever the server default says; and a coordinator that hangs inside the
-#: protocol is aborted by the server itself, so in-doubt branches never wait on
-#: a dead process forever. (PostgreSQL 15 did not arm that timer when the SET
-#: came through a pipeline of the extended protocol; the simple protocol works.)
+#: What every ``L`` runs with, set inside ``L`` itself: the decision must survive
+#: a crash of the log server before anybody is told it is committed, and a
+#: coordinator that hangs inside the protocol is aborted by the server itself,
+#: so in-doubt branches never wait on a dead process forever. Never as session
+#: settings (libpq ``options``): PgBouncer refuses or drops those, and role or
+#: database defaults (``ALTER DATABASE … SET synchronous_commit = off``) would
+#: win over nothing. ``SET LOCAL`` overrides every default and ends with ``L``.
+#: (PostgreSQL 15 did not arm the idle timer when the SET came through a
+#: pipeline of the extended protocol; it goes in the simple protocol, in the
+#: same query as the rest of ``L``'s first statement: no round trip of its own.)
 _L_SETTINGS = (
     "SET LOCAL synchronous_commit = on; SET LOCAL idle_in_transaction_session_timeout = {}"
 )
+
+#: How long a statement of recovery, status or cleanup on the log waits for a
+#: lock (a DDL lock on the log tables, a row a hung coordinator's ``L`` holds)
+#: before it fails and the next pass tries again, instead of hanging.
+LOCK_TIMEOUT = "10s"
+_GUARD = sql.SQL("SET LOCAL lock_timeout = {}; ").format(sql.Literal(LOCK_TIMEOUT))
 
 
 def _timeout_ms(idle_timeout: float) -> int:
@@ -157,21 +167,19 @@ def decision_query(
     idle_timeout: float,
     forget: Sequence[str] = (),
     begin: bool,
-    session_settings: bool = False,
 ) -> sql.Composed:
     """The one query that opens ``L`` (with ``begin``) and inserts the decision row.
 
     It also deletes the rows of ``forget`` (finished earlier), so that cleanup
     costs no round trip of its own. Its last result is ``L``'s xid. It is sent
     in the simple protocol, every value quoted by psycopg (``sql.Literal``).
-    ``session_settings``: the session already runs with :func:`log_session_options`
-    (a dedicated log connection), so the two ``SET LOCAL`` are not needed.
+    It always carries ``L``'s settings (:data:`_L_SETTINGS`), whatever the
+    session's own are.
     """
     parts: list[sql.Composable] = []
     if begin:
         parts.append(sql.SQL("BEGIN"))
-    if not session_settings:
-        parts.append(sql.SQL(_L_SETTINGS).format(sql.Literal(_timeout_ms(idle_timeout))))
+    parts.append(sql.SQL(_L_SETTINGS).format(sql.Literal(_timeout_ms(idle_timeout))))
     parts += _decision_row(txid, participants, forget, returning=" RETURNING lxid::text")
     return sql.SQL("; ").join(parts)
 
@@ -190,16 +198,6 @@ def decide_query(txid: str, participants: Sequence[str], *, forget: Sequence[str
     inserted first or last: ``L``'s commit is the decision either way. If the
     INSERT fails, the COMMIT is not run and ``L`` is left failed (rolled back)."""
     return sql.SQL("; ").join([*_decision_row(txid, participants, forget), sql.SQL("COMMIT")])
-
-
-def log_session_options(dsn: str, idle_timeout: float) -> str:
-    """libpq ``options`` for a dedicated log connection: the settings every decision
-    needs, for the whole session (it runs nothing else), after the DSN's own."""
-    return session_options(
-        dsn,
-        {"synchronous_commit": "on",
-         "idle_in_transaction_session_timeout": str(_timeout_ms(idle_timeout))},
-    )
 
 
 def open_decision(
@@ -290,9 +288,11 @@ def committed_txids(conn: psycopg.Connection[Any], txids: Iterable[str]) -> set[
     wanted = sorted(set(txids))
     if not wanted:
         return set()
-    row = conn.execute(
+    row = _guarded(
+        conn,
         "SELECT " + IN_RECOVERY + ", "
-        "ARRAY(SELECT txid FROM txmgr_decision WHERE txid = ANY(%s))", (wanted,)
+        "ARRAY(SELECT txid FROM txmgr_decision WHERE txid = ANY(%s))",
+        (wanted,),
     ).fetchone()
     _reset(conn)
     assert row is not None
@@ -317,8 +317,9 @@ def read_decisions(
 
 def decision_rows(conn: psycopg.Connection[Any]) -> list[DecisionRow]:
     """Every decision row (committed decisions whose cleanup is pending)."""
-    rows = conn.execute(
-        "SELECT txid, lxid::text, participants, created_at FROM txmgr_decision ORDER BY created_at"
+    rows = _guarded(
+        conn,
+        "SELECT txid, lxid::text, participants, created_at FROM txmgr_decision ORDER BY created_at",
     ).fetchall()  # (its callers read the log id, checking primary-ness, first)
     _reset(conn)
     return [DecisionRow(r[0], int(r[1]), tuple(r[2]), r[3]) for r in rows]
@@ -328,11 +329,24 @@ def delete_decisions(conn: psycopg.Connection[Any], txids: Sequence[str]) -> int
     """Delete the rows of ``txids``; returns how many existed."""
     if not txids:
         return 0
-    cur = conn.execute("DELETE FROM txmgr_decision WHERE txid = ANY(%s)", (list(txids),))
+    cur = _guarded(conn, "DELETE FROM txmgr_decision WHERE txid = ANY(%s)", (list(txids),))
     n = cur.rowcount
     if not conn.autocommit:
         conn.commit()
     return n
+
+
+def _guarded(
+    conn: psycopg.Connection[Any], query: str, params: Sequence[Any] = ()
+) -> psycopg.ClientCursor[Any]:
+    """Run ``query`` behind ``SET LOCAL lock_timeout`` (:data:`LOCK_TIMEOUT`), in one
+    simple-protocol query: the setting holds whatever the session's (a pooler's,
+    a role's) is, and ends with the statement's transaction. Returns the cursor
+    on ``query``'s result."""
+    cur = psycopg.ClientCursor(conn)
+    cur.execute(_GUARD.as_string(conn) + query, params or None)
+    cur.nextset()
+    return cur
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:

@@ -62,6 +62,7 @@ class TransactionManager(ManagerBase[Participant]):
             min_size=self.config.pool_min_size,
             max_size=self.config.pool_max_size,
             connect_timeout=self.config.connect_timeout,
+            prepare_threshold=self.config.prepare_threshold,
         )
 
     # -- public API ---------------------------------------------------------
@@ -141,6 +142,8 @@ class TransactionManager(ManagerBase[Participant]):
         try:
             return pool.getconn(timeout=self.config.connect_timeout if wait else 0.001)
         except psycopg_pool.PoolTimeout as e:
+            if not wait:  # the caller opens the decision later, on a waited connection
+                raise ParticipantUnavailable("no idle log connection", participant="log") from e
             raise ParticipantUnavailable(self._log_unavailable(), participant="log") from e
 
     def release_log_connection(self, conn: psycopg.Connection[Any]) -> None:

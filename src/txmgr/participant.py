@@ -27,6 +27,7 @@ from psycopg import sql
 from txmgr._branch import BranchConnection
 from txmgr._dsn import mask, redact
 from txmgr._hints import connect_failure_hint
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
 from txmgr._primary import IN_RECOVERY, require_primary, standby_error
 from txmgr.errors import (
     ParticipantReadOnly,
@@ -47,6 +48,7 @@ __all__ = [
     "finish_prepared",
     "list_prepared",
     "network_defaults",
+    "unreachable_reason",
 ]
 
 MIN_SERVER_VERSION = 130000  # pg_current_xact_id() / pg_xact_status(xid8) appeared in 13
@@ -77,8 +79,12 @@ def network_defaults(dsn: str) -> dict[str, int]:
 def connect(
     dsn: str, name: str, *, connect_timeout: float = 10.0, **kwargs: Any
 ) -> psycopg.Connection[Any]:
-    """A direct connection, with any failure turned into ParticipantUnavailable."""
-    kwargs = {**network_defaults(dsn), **kwargs}
+    """A direct connection, with any failure turned into ParticipantUnavailable.
+
+    No server-side prepared statements unless the caller passes ``prepare_threshold``
+    (after :func:`txmgr._pooler.inspect` said there is no pooler in between).
+    """
+    kwargs = {**network_defaults(dsn), "prepare_threshold": None, **kwargs}
     try:
         return psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout)), **kwargs)
     except psycopg.ProgrammingError:
@@ -95,6 +101,21 @@ def connect(
             f"({connect_failure_hint(e)})",
             participant=name,
         ) from None
+
+
+def unreachable_reason(dsn: str, name: str, *, connect_timeout: float) -> str:
+    """Why a pool found no connection: what one fresh attempt answers (the server's
+    or a pooler's own message, e.g. PgBouncer's "unsupported startup parameter",
+    password masked), or "" when a connection can be made (the pool is exhausted).
+
+    A pool only logs its failed attempts; without this the user would see a
+    timeout instead of the reason.
+    """
+    try:
+        connect(dsn, name, connect_timeout=connect_timeout).close()
+    except ParticipantUnavailable as e:
+        return str(e)
+    return ""
 
 
 def check_server(conn: psycopg.Connection[Any], name: str, *, needs_prepare: bool = True) -> None:
@@ -192,12 +213,15 @@ class ParticipantBase:
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
         self.name = name
         self.dsn = dsn
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
+        self._prepare_threshold = prepare_threshold
+        self.pooled = True  # through a pooler? Until check() looked, assume so (safe)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {mask(self.dsn)!r})"
@@ -205,6 +229,7 @@ class ParticipantBase:
     def check(self) -> None:
         """Connect once and check the server (blocking; run before opening a pool)."""
         with connect(self.dsn, self.name, connect_timeout=self._connect_timeout) as c:
+            self.pooled = inspect(c, self.name)
             check_server(c, self.name)
 
     def _pool_options(self) -> dict[str, Any]:
@@ -219,6 +244,8 @@ class ParticipantBase:
                 **network_defaults(self.dsn),
                 "connect_timeout": max(1, round(self._connect_timeout)),
                 "autocommit": True,
+                "prepare_threshold": prepare_threshold(self._prepare_threshold,
+                                                       pooled=self.pooled),
             },
             "name": f"txmgr-{self.name}",
         }
@@ -230,10 +257,12 @@ class ParticipantBase:
         )
 
     def _timeout_error(self) -> ParticipantUnavailable:
+        """The pool had no connection in time: say why (blocking: it connects once)."""
+        why = unreachable_reason(self.dsn, self.name, connect_timeout=self._connect_timeout)
         return ParticipantUnavailable(
             f"no connection to {self.name!r} at {mask(self.dsn)} within "
-            f"{self._connect_timeout:g}s: the server is down or the pool "
-            f"(max_size={self._max_size}) is exhausted",
+            f"{self._connect_timeout:g}s: "
+            + (why or f"the pool (max_size={self._max_size}) is exhausted"),
             participant=self.name,
         )
 
@@ -249,9 +278,11 @@ class Participant(ParticipantBase):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 10.0,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
         super().__init__(
-            name, dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout
+            name, dsn, min_size=min_size, max_size=max_size, connect_timeout=connect_timeout,
+            prepare_threshold=prepare_threshold,
         )
         self._lock = threading.Lock()
         self._pool: psycopg_pool.ConnectionPool[BranchConnection] | None = None  # opened lazily

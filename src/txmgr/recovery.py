@@ -151,7 +151,8 @@ class Recoverer:
         self.config = config
         self._on_resolution = on_resolution
         self.paxos_grace = config.log_idle_timeout if paxos_grace is None else paxos_grace
-        self._conns = ConnectionCache(connect_timeout=config.connect_timeout)
+        self._conns = ConnectionCache(connect_timeout=config.connect_timeout,
+                                      prepare_threshold=config.prepare_threshold)
 
     def close(self) -> None:
         """Close every connection kept between passes."""

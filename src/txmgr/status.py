@@ -328,7 +328,8 @@ class Inspector:
         self.config = config
         self._application_name = application_name
         self._conns = ConnectionCache(
-            connect_timeout=config.connect_timeout, application_name=application_name
+            connect_timeout=config.connect_timeout, application_name=application_name,
+            prepare_threshold=config.prepare_threshold,
         )
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ on the newest row version, when two proposers race) makes it atomic:
 - forget: ``DELETE … WHERE txid = ANY(…) [AND accepted_value IS DISTINCT FROM 'commit']``.
 
 Everything but registration commits with ``synchronous_commit = on`` before
-the reply (the session's setting, see :class:`~txmgr.paxos._links.AcceptorLink`).
+the reply (``SET LOCAL`` in the same query, see :data:`_DURABLE`).
 Every answer carries the acceptor's incarnation, read in the same statement,
 so a reply always names the state it came from. The slot in an
 "ok" answer is the row the change wrote (``RETURNING``: the values the rule
@@ -23,7 +23,7 @@ saw under the row lock); in a "rejected" answer it is the row as the
 statement's snapshot saw it, which only informs the next ballot.
 
 The statements are prepared once per session (planning them cost more than
-running them; the session's settings keep their generic plans to key
+running them; the settings of :data:`_SETTINGS` keep their generic plans to key
 lookups) and executed through the simple protocol, every argument quoted by
 psycopg (``sql.Literal``); registration behind a
 ``SET LOCAL synchronous_commit = off``.
@@ -31,6 +31,7 @@ psycopg (``sql.Literal``); registration behind a
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -48,10 +49,12 @@ from txmgr.paxos._core import ABORT, Reply, Request, Slot, Value
 __all__ = [
     "PREPARE_ALL",
     "Answer",
+    "Statement",
     "accept_many_query",
     "accept_query",
     "encode",
     "forget_query",
+    "inline",
     "parse",
     "prepare_query",
     "query_for",
@@ -171,21 +174,82 @@ _prepared: weakref.WeakKeyDictionary[psycopg.BaseConnection[Any], bool] = (
 _prepared_lock = threading.Lock()
 
 
-def _execute(name: str, *args: object, durable: bool = True) -> sql.Composed:
-    # Durable statements rely on the session's synchronous_commit = on, set by
-    # the pool's startup options (they override database and role defaults);
-    # only registration turns it off, for its own implicit transaction.
-    return sql.SQL("{}EXECUTE {}{}").format(
-        sql.SQL("" if durable else "SET LOCAL synchronous_commit = off; "),
-        sql.Identifier(name),
-        sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, args))) if args
-        else sql.SQL(""),
-    )
+#: What every statement runs with, set inside its own implicit transaction (the
+#: statements go in the simple protocol, so ``SET LOCAL`` and the statement are
+#: one query, one round trip): whatever a pooler dropped or a role or database
+#: default says, a durable change commits with ``synchronous_commit = on``
+#: before it counts as a reply; a stuck row lock fails the statement after 10 s
+#: instead of hanging the round. The planner settings keep the prepared
+#: statements' generic plans to key lookups: with the statistics of a small
+#: table a generic plan scans it whole, and it grows with dead rows between
+#: vacuums (no sequential scans, nested loops over the txid arrays; no JIT,
+#: which the disabled plans' costs would trigger).
+_SETTINGS = (
+    "SET LOCAL lock_timeout = '10s'; SET LOCAL plan_cache_mode = force_generic_plan; "
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; "
+    "SET LOCAL enable_mergejoin = off; SET LOCAL jit = off; "
+)
+_DURABLE = _SETTINGS + "SET LOCAL synchronous_commit = on; "
+_ASYNC = _SETTINGS + "SET LOCAL synchronous_commit = off; "
+
+
+class Statement(sql.Composable):
+    """One acceptor statement with its arguments, composed for the connection it goes to.
+
+    On a connection that may prepare statements: ``EXECUTE name(args)`` (see
+    :func:`encode`). On one that may not — through a pooler (PgBouncer), a
+    session prepared by one client may serve another, and a statement prepared
+    in one server session is missing in the next — the statement's text itself,
+    each ``$n`` replaced by its quoted argument cast to the declared type.
+    Either way behind the ``SET LOCAL`` settings, in one simple-protocol query.
+    """
+
+    def __init__(self, name: str, args: tuple[object, ...], *, durable: bool) -> None:
+        super().__init__((name, args, durable))
+        self.name, self.args, self.durable = name, args, durable
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        head = sql.SQL(_DURABLE if self.durable else _ASYNC)
+        if not inline(context):
+            body: sql.Composable = sql.SQL("EXECUTE {}{}").format(
+                sql.Identifier(self.name),
+                sql.SQL("({})").format(sql.SQL(", ").join(map(sql.Literal, self.args)))
+                if self.args else sql.SQL(""),
+            )
+            return (head + body).as_bytes(context)
+        types, text = STATEMENTS[self.name]
+        kinds = [t.strip() for t in types.split(",")] if types else []
+        values = [
+            sql.SQL("({}::{})").format(sql.Literal(a), sql.SQL(k)).as_string(context)
+            for a, k in zip(self.args, kinds, strict=True)
+        ]
+        # The statements' texts hold no "$" but their placeholders (no dollar
+        # quoting, no strings with "$"): a plain substitution is exact.
+        inlined = re.sub(r"\$(\d+)", lambda m: values[int(m[1]) - 1], text)
+        return head.as_bytes(context) + inlined.encode(conn_encoding(context))
+
+
+def inline(conn: Any) -> bool:
+    """Whether statements go to ``conn`` as text rather than as prepared statements:
+    when its ``prepare_threshold`` is None (a connection through a pooler; see
+    :mod:`txmgr._pooler`)."""
+    return conn is not None and getattr(conn, "prepare_threshold", 0) is None
+
+
+def conn_encoding(conn: Any) -> str:
+    return str(conn.info.encoding) if conn is not None else "utf-8"
+
+
+def _execute(name: str, *args: object, durable: bool = True) -> Statement:
+    # Only registration commits asynchronously (see register_query).
+    return Statement(name, args, durable=durable)
 
 
 def encode(conn: psycopg.BaseConnection[Any], body: bytes) -> bytes:
     """A query (composed for ``conn``) as sent on ``conn``: on its first use, behind the
     PREPAREs. A session whose query failed is closed, so it never half-prepared."""
+    if inline(conn):
+        return body  # the statement's text, nothing to prepare
     with _prepared_lock:
         if conn in _prepared:
             return body
@@ -193,7 +257,7 @@ def encode(conn: psycopg.BaseConnection[Any], body: bytes) -> bytes:
     return PREPARE_ALL + body
 
 
-def register_query(txid: str) -> sql.Composed:
+def register_query(txid: str) -> Statement:
     """Create T's slot (promised 0, nothing accepted) unless it exists.
 
     Asynchronous commit: a registration lost in a crash only makes this
@@ -202,19 +266,19 @@ def register_query(txid: str) -> sql.Composed:
     return _execute("txmgr_paxos_register", txid, durable=False)
 
 
-def register_many_query(txids: Sequence[str]) -> sql.Composed:
+def register_many_query(txids: Sequence[str]) -> Statement:
     """:func:`register_query` for many txids in one statement (same rule, same commit)."""
     return _execute("txmgr_paxos_register_many", list(txids), durable=False)
 
 
-def prepare_query(txid: str, ballot: int) -> sql.Composed:
+def prepare_query(txid: str, ballot: int) -> Statement:
     """Phase 1: promise ``ballot`` if it is higher than any promise so far."""
     return _execute("txmgr_paxos_promise", txid, ballot)
 
 
 def accept_query(
     txid: str, ballot: int, value: Value, *, forget: Sequence[str] = ()
-) -> sql.Composed:
+) -> Statement:
     """Phase 2: accept ``value`` at ``ballot`` unless a higher ballot was promised;
     ``forget``: finished transactions whose slots the same statement deletes."""
     participants = list(value.participants) if value.kind == "commit" else None
@@ -223,7 +287,7 @@ def accept_query(
 
 def accept_many_query(
     accepts: Sequence[tuple[str, Value]], ballot: int, *, forget: Sequence[str] = ()
-) -> sql.Composed:
+) -> Statement:
     """:func:`accept_query` for several ``(txid, value)`` at one ballot, in one
     statement (the same rule for each txid, and one commit for all)."""
     return _execute(
@@ -236,23 +300,23 @@ def accept_many_query(
 
 def forget_query(
     txids: Sequence[str], *, keep_commit: bool, min_age: float = 0.0
-) -> sql.Composed:
+) -> Statement:
     """Delete the slots of ``txids`` (with ``keep_commit``: not those holding a commit;
     with ``min_age``: only those created at least that many seconds ago)."""
     return _execute("txmgr_paxos_forget", list(txids), keep_commit, float(min_age))
 
 
-def read_query(txids: Sequence[str]) -> sql.Composed:
+def read_query(txids: Sequence[str]) -> Statement:
     """The slots of ``txids`` (``gone`` where there is none); changes nothing."""
     return _execute("txmgr_paxos_read", list(txids))
 
 
-def scan_query() -> sql.Composed:
+def scan_query() -> Statement:
     """Every slot of this acceptor (one row with a NULL txid when there is none)."""
     return _execute("txmgr_paxos_scan")
 
 
-def query_for(request: Request, *, forget: Sequence[str] = ()) -> sql.Composed:
+def query_for(request: Request, *, forget: Sequence[str] = ()) -> Statement:
     """The statement for one proposer request (see :class:`~txmgr.paxos._core.Request`)."""
     if request.op == "read":
         return read_query([request.txid])

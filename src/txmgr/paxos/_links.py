@@ -36,8 +36,9 @@ from typing import Any
 import psycopg
 import psycopg_pool
 
-from txmgr._dsn import mask, session_options
+from txmgr._dsn import mask
 from txmgr._multiplex import Job, _collect, _events
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
 from txmgr.participant import connect, network_defaults
 
 __all__ = ["PROBE_EVERY", "SUSPECT_AFTER", "AcceptorLink", "Collector"]
@@ -57,10 +58,14 @@ class AcceptorLink:
 
     __slots__ = ("_closed", "_errors", "_lock", "_origin", "_pool", "_prober", "connect_timeout",
                  "dsn", "healthy", "incarnation", "last_error", "max_size", "min_size", "pools",
-                 "probes", "rest", "rest_until")
+                 "prepare_threshold", "probes", "rest", "rest_until")
 
-    def __init__(self, dsn: str, *, connect_timeout: float, min_size: int, max_size: int) -> None:
+    def __init__(self, dsn: str, *, connect_timeout: float, min_size: int, max_size: int,
+                 prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD) -> None:
         self.dsn = dsn
+        #: Not None: the acceptor's statements are prepared once per session;
+        #: None (and always through a pooler): sent as text (see _acceptor.Statement).
+        self.prepare_threshold = prepare_threshold
         self.connect_timeout = connect_timeout
         self.min_size = min_size
         self.max_size = max_size
@@ -96,30 +101,24 @@ class AcceptorLink:
                         **network_defaults(self.dsn),
                         "connect_timeout": max(1, round(self.connect_timeout)),
                         "autocommit": True,
-                        # Durable statements rely on synchronous_commit = on here:
-                        # startup options override database and role defaults.
-                        # The lock timeout keeps a round from hanging on a stuck
-                        # row lock.
-                        # A generic plan for the prepared statements: planning them
-                        # anew each time would cost more than running them. Every
-                        # statement finds its slots by key, but with the statistics
-                        # of a small table a generic plan scans it whole — and it
-                        # grows with dead rows between vacuums: key lookups only
-                        # (no sequential scans, nested loops over the txid arrays;
-                        # no JIT, which the disabled plans' costs would trigger).
-                        "options": session_options(self.dsn, {
-                            "synchronous_commit": "on", "lock_timeout": "10s",
-                            "plan_cache_mode": "force_generic_plan",
-                            "enable_seqscan": "off", "enable_hashjoin": "off",
-                            "enable_mergejoin": "off", "jit": "off",
-                        }),
+                        # No libpq options (a pooler refuses or drops them): every
+                        # statement sets what it needs itself (txmgr.paxos._acceptor).
+                        # Nothing prepared until _configure looked for a pooler.
+                        "prepare_threshold": None,
                     },
+                    configure=self._configure,
                     name="txmgr-paxos",
                     open=False,
                 )
                 self._pool.open(wait=False)
                 self.pools += 1
             return self._pool
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        # Each new connection: prepared statements only without a pooler between
+        # (a statement-pooling one is refused: the pool counts a failed attempt).
+        pooled = inspect(conn, "log")
+        conn.prepare_threshold = prepare_threshold(self.prepare_threshold, pooled=pooled)
 
     def resting(self, now: float) -> bool:
         return self.rest_until > now

@@ -37,6 +37,7 @@ import psycopg
 
 from txmgr._dsn import mask, redact
 from txmgr._gid import new_txid
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect
 from txmgr.errors import ConfigError, LogSchemaError, ParticipantUnavailable
 from txmgr.participant import connect
 from txmgr.paxos._acceptor import (
@@ -167,6 +168,7 @@ class PaxosLog:
         hedge_after: float = 0.2,
         accept_rounds: int = 1,
         accept_batch: int = 64,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -197,7 +199,8 @@ class PaxosLog:
         self.linger = linger
         self.round_timeout = round_timeout if round_timeout is not None else connect_timeout
         self.links = [AcceptorLink(d, connect_timeout=connect_timeout, min_size=pool_min_size,
-                                   max_size=pool_max_size) for d in dsns]
+                                   max_size=pool_max_size, prepare_threshold=prepare_threshold)
+                      for d in dsns]
         self.collector = Collector(timeout=self.round_timeout, done=straggler_done)
         self.proposer = Proposer(proposer_id if proposer_id is not None else secrets.randbits(32))
         if ahead < 1 or ahead_max_age <= 0:
@@ -253,6 +256,7 @@ class PaxosLog:
             try:
                 with connect(acc.dsn, "log", connect_timeout=self.connect_timeout,
                              autocommit=True) as conn:
+                    inspect(conn, "log")  # a statement-pooling pooler: refused now
                     found[acc.dsn] = read_incarnation(conn, acc.dsn)
             except LogSchemaError as e:
                 schema.append(e)

@@ -19,7 +19,14 @@ from psycopg import sql
 
 from txmgr._dsn import mask, redact
 from txmgr._multiplex import Job
-from txmgr.paxos._acceptor import Answer, encode, parse, register_query, run_quorum
+from txmgr.paxos._acceptor import (
+    Answer,
+    encode,
+    inline,
+    parse,
+    register_query,
+    run_quorum,
+)
 from txmgr.paxos._core import Reply, Voters, registered_voters
 from txmgr.paxos._errors import LogQuorumUnavailable
 from txmgr.paxos._links import AcceptorLink, Collector
@@ -104,13 +111,15 @@ class Round:
         self._held = checkout(log, everyone=everyone, only=only)
         self._enough = enough
         self._parsed: dict[int, Answer | str] = {}
-        composed: dict[str, bytes] = {}  # composing costs more than sending: once per encoding
+        # Composing costs more than sending: once per encoding and form (prepared
+        # statement or text, see txmgr.paxos._acceptor.Statement).
+        composed: dict[tuple[str, bool], bytes] = {}
         self.jobs: list[Job] = []
         for _, conn in self._held:
-            enc = conn.info.encoding
-            if enc not in composed:
-                composed[enc] = query.as_bytes(conn)
-            self.jobs.append(Job(conn, encode(conn, composed[enc])))
+            key = (conn.info.encoding, inline(conn))
+            if key not in composed:
+                composed[key] = query.as_bytes(conn)
+            self.jobs.append(Job(conn, encode(conn, composed[key])))
         self._mine = {id(j) for j in self.jobs}
 
     def enough(self, finished: Sequence[Job]) -> bool:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._binaries import PgBinariesNotFound, find_pg_bin
     from ._env import servers_from_env
     from ._errors import PgServerError
+    from ._pgbouncer import PgBouncer
     from ._server import ExternalServer, PgServer
     from .proxy import FaultProxy, Rule
 
@@ -42,6 +43,7 @@ __all__ = [
     "ExternalServer",
     "FaultProxy",
     "PgBinariesNotFound",
+    "PgBouncer",
     "PgServer",
     "PgServerError",
     "Rule",
@@ -57,6 +59,7 @@ _LOCATIONS = {
     "ExternalServer": "._server",
     "FaultProxy": ".proxy",
     "PgBinariesNotFound": "._binaries",
+    "PgBouncer": "._pgbouncer",
     "PgServer": "._server",
     "PgServerError": "._errors",
     "Rule": ".proxy",

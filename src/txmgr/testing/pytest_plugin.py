@@ -22,9 +22,18 @@ import pytest
 
 if TYPE_CHECKING:
     from ._admin import Server
+    from ._pgbouncer import PgBouncer
     from ._server import PgServer
 
-__all__ = ["MakeDatabase", "crash_server", "make_database", "pg_server", "pg_servers"]
+__all__ = [
+    "MakeDatabase",
+    "MakePgBouncer",
+    "crash_server",
+    "make_database",
+    "pg_server",
+    "pg_servers",
+    "pgbouncers",
+]
 
 _SERVER_COUNT = 2
 _ENTRY_POINT = "txmgr"  # name of this plugin's pytest11 entry point
@@ -36,6 +45,14 @@ class MakeDatabase(Protocol):
     """Type of the ``make_database`` fixture, for annotating test parameters."""
 
     def __call__(self, server: Server | None = None) -> str: ...
+
+
+class MakePgBouncer(Protocol):
+    """Type of the ``pgbouncers`` fixture, for annotating test parameters."""
+
+    def __call__(self, pool_mode: str = "transaction", *,
+                 ignore_startup_parameters: tuple[str, ...] = (), pool_size: int = 20,
+                 server: Server | None = None) -> PgBouncer: ...
 
 
 def pytest_plugin_registered(
@@ -169,3 +186,40 @@ def crash_server() -> Iterator[PgServer]:
 
     with PgServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pgbouncers(pg_server: Server) -> Iterator[MakePgBouncer]:
+    """Factory ``pgbouncers(pool_mode="transaction", ignore_startup_parameters=(),
+    pool_size=20, server=None) -> PgBouncer``: a running PgBouncer in front of
+    ``server`` (default: :func:`pg_server`) mapping every database, one per distinct
+    setting for the whole session (its pools are shared: give each test its own
+    databases). Skips when pgbouncer is not installed or the servers were not
+    started by the harness."""
+    from ._pgbouncer import PgBouncer, find_pgbouncer
+
+    if find_pgbouncer() is None:
+        pytest.skip("pgbouncer is not installed (Debian package pgbouncer, or $TXMGR_PGBOUNCER)")
+    started: dict[tuple[object, ...], PgBouncer] = {}
+
+    def make(pool_mode: str = "transaction", *,
+             ignore_startup_parameters: tuple[str, ...] = (), pool_size: int = 20,
+             server: Server | None = None) -> PgBouncer:
+        target = server if server is not None else pg_server
+        if not hasattr(target, "port") or getattr(target, "host", None) is None:
+            pytest.skip("PgBouncer needs a server started by the harness (host, port, password)")
+        key = (id(target), pool_mode, tuple(ignore_startup_parameters), pool_size)
+        if key not in started:
+            assert pool_mode in ("session", "transaction", "statement"), pool_mode
+            started[key] = PgBouncer(
+                target,  # type: ignore[arg-type]  # a PgServer (checked above)
+                pool_mode=pool_mode,  # type: ignore[arg-type]
+                ignore_startup_parameters=ignore_startup_parameters, pool_size=pool_size,
+            ).start()
+        return started[key]
+
+    try:
+        yield make
+    finally:
+        for bouncer in started.values():
+            bouncer.stop()

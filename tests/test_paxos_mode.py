@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
@@ -534,3 +535,46 @@ def test_status_json_shows_the_decision_and_every_acceptor(
     assert json.loads(stuck.stdout)["stuck"] == 4
 
 
+
+
+def test_a_recoverer_that_does_not_know_a_participant_keeps_the_slots(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any],
+) -> None:
+    """Issue 15, finding 1: a commit over a, b, c; its coordinator died after
+    COMMIT PREPARED on a and b. A recoverer configured with a and b only (another
+    application sharing the log databases) must keep the slots, which name c, or
+    a recoverer that knows c would find no record and roll c back."""
+    bank = make_bank(names=("a", "b", "c"))
+    coordinator = paxos_log(closing, acceptors)
+    txid, voters = coordinator.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b", "c")}
+    for p, delta in (("a", -20), ("b", 10), ("c", 10)):
+        prepare_branch(bank.dsns[p], gids[p],
+                       [f"UPDATE accounts SET balance = balance + {delta} WHERE id = 1"])
+    assert coordinator.propose_commit(txid, voters, ["a", "b", "c"]).commits
+    for p in ("a", "b"):  # the coordinator got this far, then died
+        query(bank.dsns[p], sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gids[p])))
+
+    partial = {p: bank.dsns[p] for p in ("a", "b")}
+    other_app = txmgr.Recoverer(txmgr.Config(participants=partial,
+                                             log=paxos_log(closing, acceptors)),
+                                paxos_grace=0)
+    try:
+        first = other_app.run_pass()
+    finally:
+        other_app.close()
+    assert txid in slot_txids(coordinator)  # c is not known here: the slots stay
+    assert first.decisions_deleted == 0 and first.decisions_pending >= 1
+    assert any("c" in line and txid in line for line in first.kept), first.kept
+
+    full = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                        log=paxos_log(closing, acceptors)), paxos_grace=0)
+    try:
+        second = full.run_pass()
+        assert (second.committed, second.rolled_back) == (1, 0)
+        full.run_pass()  # every branch finished: the slots go now
+    finally:
+        full.close()
+    assert (bank.balance("a"), bank.balance("b"), bank.balance("c")) == (980, 1010, 1010)
+    assert paxos_prepared(bank) == []
+    assert txid not in slot_txids(coordinator)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import selectors
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -87,6 +87,9 @@ class RecoveryReport:
     unreachable: list[str] = field(default_factory=list)  # participants that did not answer
     decisions_deleted: int = 0
     decisions_pending: int = 0
+    # Decision records kept because they name a participant this recoverer does
+    # not know (one line each: the txid and the participants missing).
+    kept: list[str] = field(default_factory=list)
     log_reachable: bool = True
 
     def count(self, outcome: Outcome) -> int:
@@ -259,11 +262,15 @@ class Recoverer:
                 + "; ".join(f"{st.dsn}: {st.error}" for st in statuses if st.error)
             )
         ages: dict[str, float] = {}  # txid -> seconds since its registration
-        commits: set[str] = set()  # txids with a commit accepted somewhere
+        # txids with a commit accepted somewhere, and the participants it names
+        # (every commit of a txid is the coordinator's ballot-0 value: one value)
+        commits: dict[str, tuple[str, ...]] = {}
         for st in reached:
             for txid, age in st.ages.items():
                 ages[txid] = max(age, ages.get(txid, 0.0))
-            commits.update(t for t, slot in st.slots.items() if slot.holds_commit)
+            for t, slot in st.slots.items():
+                if slot.holds_commit and slot.accepted_value is not None:
+                    commits[t] = slot.accepted_value.participants
         listed = self._list_all(PAXOS_GID_PREFIX, report)
         found: dict[str, Voters] = {}
         todo_gids: list[tuple[str, PreparedBranch, PaxosGid]] = []
@@ -304,31 +311,38 @@ class Recoverer:
             todo.setdefault(name, []).append(item)
         self._finish_all(todo)
         remaining = _report(slots, report)
-        if len(listed) == len(self.config.participants):  # else a branch may hide
-            self._paxos_cleanup(log, found, outcomes, ages, commits, remaining, report)
+        self._paxos_cleanup(log, listed, found, outcomes, ages, commits, remaining, report)
         return report
 
     def _paxos_cleanup(
-        self, log: PaxosLog, found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
-        ages: dict[str, float], commits: set[str], remaining: set[str],
+        self, log: PaxosLog, listed: dict[str, list[PreparedBranch]],
+        found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
+        ages: dict[str, float], commits: dict[str, tuple[str, ...]], remaining: set[str],
         report: RecoveryReport,
     ) -> None:
         """Delete the slots of finished transactions, and of those never prepared."""
+        if len(listed) < len(self.config.participants):  # a branch may hide on it
+            report.decisions_pending = len(set(ages) | set(found))
+            return
         # Listed, and every branch listed is finished now. For a commit that is
         # all of them only if the commit was seen in the slots read *before* the
         # listing: a commit chosen later may have had a branch prepared after
         # its participant was listed (found by the torture test). That one
         # waits for a later pass (``done`` below). Slots holding no commit may
         # go at any time (the lemma in txmgr.paxos._core).
+        # A commit names its participants: all of them must have been listed
+        # here (_all_known, the rule of both log modes).
         finished = [t for t in found if t not in remaining and t in outcomes
-                    and (t in commits if outcomes[t].commits else outcomes[t].rolls_back)]
+                    and (t in commits and self._all_known(t, commits[t], listed, report)
+                         if outcomes[t].commits else outcomes[t].rolls_back)]
         # Slots and no prepared branch. A commit accepted before the scan means
         # every branch was prepared before the listing, which found none: all
         # finished. Otherwise the coordinator may not have prepared yet (or
         # never will): after its grace period the slot goes — unless it holds
         # a commit by then (keep_commit), as deleting a slot that holds no
         # commit is always safe (see the lemma in txmgr.paxos._core).
-        done = [t for t in ages if t not in found and t in commits]
+        done = [t for t in ages if t not in found and t in commits
+                and self._all_known(t, commits[t], listed, report)]
         orphans = [t for t in ages if t not in found and t not in commits]
         try:
             deleted = 0
@@ -374,6 +388,26 @@ class Recoverer:
             if self._on_resolution is not None:
                 self._on_resolution(item.resolution)
 
+    def _all_known(
+        self, txid: str, named: Iterable[str], listed: Mapping[str, object],
+        report: RecoveryReport,
+    ) -> bool:
+        """The cleanup rule of both log modes: a decision record may be deleted only
+        when every participant it names was listed by this pass (and so is known
+        finished). A record naming a participant this recoverer is not configured
+        with (another application sharing the log) is kept, and said so: deleting
+        it would make that participant's branch look forgotten, and roll it back."""
+        missing = sorted(set(named) - set(listed))
+        unknown = [p for p in missing if p not in self.config.participants]
+        if unknown:  # (a configured one that did not answer is in report.errors already)
+            line = (f"txid={txid}: kept, it names participants this recoverer does not know: "
+                    f"{', '.join(unknown)} (a recoverer configured with them finishes "
+                    "their branches and deletes it)")
+            report.kept.append(line)
+            logger.warning("decision record %s", line,
+                           extra={"txid": txid, "unknown_participants": unknown})
+        return not missing
+
     def _cleanup(
         self,
         lconn: psycopg.Connection[Any],
@@ -386,7 +420,7 @@ class Recoverer:
         finished = [
             txid
             for txid, row in rows.items()
-            if txid not in remaining and all(p in listed for p in row.participants)
+            if txid not in remaining and self._all_known(txid, row.participants, listed, report)
         ]
         try:
             report.decisions_deleted = decision_log.delete_decisions(lconn, finished)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
@@ -417,7 +418,7 @@ def test_cli_migrates_every_log_database_and_recovers(
 
     migrated = cli("migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.count("migrated from empty to 0003") == 3
+    assert migrated.stdout.count("migrated from empty to 0004") == 3
     paxos_log(closing, dsns).check()  # every log database has the acceptor tables
     crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
     recovered = cli("recover")
@@ -580,3 +581,97 @@ def test_a_recoverer_that_does_not_know_a_participant_keeps_the_slots(
     assert (bank.balance("a"), bank.balance("b"), bank.balance("c")) == (980, 1010, 1010)
     assert paxos_prepared(bank) == []
     assert txid not in slot_txids(coordinator)
+
+
+# -- the coordinator's liveness sign (txmgr.paxos._beacon) -----------------------------
+
+
+def test_a_dead_coordinators_transactions_are_rolled_back_on_the_next_pass(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    """Issue 16: coordinators SIGKILLed (a crash failpoint: os._exit) with their
+    branches prepared and nothing proposed, one of three log databases down.
+    Recovery with the default grace (the log idle timeout, a minute) rolls them
+    back on its first pass: their coordinators' liveness locks are free on a
+    majority. A live coordinator's transaction at the same stage is left alone."""
+    bank = make_bank()
+    dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
+    proxies[0].stop()
+    dead = {crash_at(bank, dsns, "before_decision", transfer(10 * i, "a", "b", account=i))
+            for i in (1, 2)}
+    live = paxos_log(closing, dsns)
+    txid, voters = live.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    prepare_branch(bank.dsns["a"], gids["a"],
+                   ["UPDATE accounts SET balance = balance - 30 WHERE id = 3"])
+    prepare_branch(bank.dsns["b"], gids["b"],
+                   ["UPDATE accounts SET balance = balance + 30 WHERE id = 3"])
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, dsns)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    by_txid: dict[str, set[str]] = {}
+    for r in report.resolutions:
+        by_txid.setdefault(r.txid, set()).add(r.outcome)
+    assert {t: by_txid.get(t) for t in dead} == {t: {"rolled back"} for t in dead}, \
+        report.resolutions
+    assert by_txid[txid] == {"in progress"}
+    assert sorted(paxos_prepared(bank)) == sorted(gids.values())
+    # The live coordinator finishes its own transaction.
+    assert live.propose_commit(txid, voters, ["a", "b"]).commits
+    for p in ("a", "b"):
+        query(bank.dsns[p], sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gids[p])))
+    assert (bank.balance("a", 3), bank.balance("b", 3)) == (970, 1030)
+    assert (bank.balance("a", 1), bank.balance("a", 2)) == (1000, 1000)
+    assert bank.total() == bank.expected_total
+
+
+def test_recovery_never_preempts_a_live_coordinator_whose_commit_reached_a_minority(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15, finding 7: a healthy coordinator's ballot 0 has reached one log
+    database, which then goes down; the coordinator is still waiting for the
+    others. Recovery saw the commit in its scan and used to run phase 1 at once:
+    the two remaining databases promised, abort was chosen, and the live
+    coordinator lost its transaction. Now its liveness lock (held on the two
+    remaining databases) keeps recovery off, and the coordinator commits."""
+    from txmgr.paxos._acceptor import accept_query
+    from txmgr.paxos._core import BALLOT0, Value
+    from txmgr.paxos._round import run_round
+
+    bank = make_bank()
+    dsns = [proxied(proxies, acceptors[0]), acceptors[1], acceptors[2]]
+    coordinator = paxos_log(closing, dsns)
+    txid, voters = coordinator.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    for p, delta in (("a", -30), ("b", 30)):
+        prepare_branch(bank.dsns[p], gids[p],
+                       [f"UPDATE accounts SET balance = balance + {delta} WHERE id = 1"])
+    # The coordinator's ballot 0 reaches the first log database only (so far).
+    [(_, answer)] = run_round(coordinator, accept_query(txid, BALLOT0, Value.commit(["a", "b"])),
+                              enough=lambda answers: bool(answers),
+                              only=[coordinator.links[0]])
+    assert not isinstance(answer, str) and answer.replies[txid].status == "ok"
+
+    recovery_log = paxos_log(closing, dsns)
+    learn = recovery_log.learn
+
+    def learn_then_lose_the_first(found: dict[str, Any]) -> dict[str, Any]:
+        out = learn(found)  # one commit of three: not chosen, undecided
+        proxies[0].stop()  # and the database that holds it goes down
+        return out
+
+    monkeypatch.setattr(recovery_log, "learn", learn_then_lose_the_first)
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert (report.committed, report.rolled_back) == (0, 0), report.resolutions
+    assert report.in_progress == 2
+    assert "alive" in report.resolutions[0].detail
+    # The coordinator goes on: the two remaining databases accept its ballot 0.
+    assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits

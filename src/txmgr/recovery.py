@@ -51,6 +51,7 @@ from txmgr._gid import Gid, log_prefix
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
 from txmgr.participant import PreparedBranch, list_prepared
+from txmgr.paxos._beacon import CoordinatorState, coordinator_state, may_decide
 from txmgr.paxos._core import Outcome as PaxosOutcome
 from txmgr.paxos._core import Voters
 from txmgr.paxos._gid import PAXOS_GID_PREFIX, PaxosGid
@@ -262,6 +263,8 @@ class Recoverer:
                 + "; ".join(f"{st.dsn}: {st.error}" for st in statuses if st.error)
             )
         ages: dict[str, float] = {}  # txid -> seconds since its registration
+        # txid -> acceptor incarnation -> its coordinator's liveness lock is held there
+        alive: dict[str, dict[str, bool]] = {}
         # txids with a commit accepted somewhere, and the participants it names
         # (every commit of a txid is the coordinator's ballot-0 value: one value)
         commits: dict[str, tuple[str, ...]] = {}
@@ -271,6 +274,9 @@ class Recoverer:
             for t, slot in st.slots.items():
                 if slot.holds_commit and slot.accepted_value is not None:
                     commits[t] = slot.accepted_value.participants
+            if st.incarnation is not None:
+                for t, held in st.alive.items():
+                    alive.setdefault(t, {})[st.incarnation] = held
         listed = self._list_all(PAXOS_GID_PREFIX, report)
         found: dict[str, Voters] = {}
         todo_gids: list[tuple[str, PreparedBranch, PaxosGid]] = []
@@ -287,13 +293,19 @@ class Recoverer:
             for txid, learned in outcomes.items():
                 # No slot seen: registered after the scan, its coordinator is at work.
                 age = ages.get(txid, 0.0)
-                if learned.decision == "undecided" and (age >= self.paxos_grace
-                                                        or txid in commits):
-                    # Its coordinator had its time — or it proposed commit already
-                    # (ballot 0 goes to a majority; one of them may be down now,
-                    # hiding the choice from a plain read): decide. Phase 1 finds
-                    # a chosen commit in any majority; safety never needs the wait.
+                voters = found[txid]
+                state = coordinator_state(alive.get(txid, {}), voters.quorum, voters)
+                if learned.decision == "undecided" and may_decide(state, age,
+                                                                  self.paxos_grace):
+                    # Its coordinator is gone (or, when nothing tells, had its
+                    # time): decide. Phase 1 finds a chosen commit in any
+                    # majority; safety never needs the liveness sign. A live
+                    # coordinator is left alone even if it proposed commit
+                    # already: it is inside the protocol and finishes it.
                     outcomes[txid] = log.recover(txid, found[txid])
+                elif learned.decision == "undecided" and state == "alive":
+                    outcomes[txid] = PaxosOutcome(
+                        "undecided", detail="its coordinator is alive inside the protocol")
         except TxmgrError as e:
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
@@ -311,14 +323,16 @@ class Recoverer:
             todo.setdefault(name, []).append(item)
         self._finish_all(todo)
         remaining = _report(slots, report)
-        self._paxos_cleanup(log, listed, found, outcomes, ages, commits, remaining, report)
+        states = {t: coordinator_state(alive.get(t, {}), log.quorum) for t in ages}
+        self._paxos_cleanup(log, listed, found, outcomes, ages, commits, states, remaining,
+                            report)
         return report
 
     def _paxos_cleanup(
         self, log: PaxosLog, listed: dict[str, list[PreparedBranch]],
         found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
-        ages: dict[str, float], commits: dict[str, tuple[str, ...]], remaining: set[str],
-        report: RecoveryReport,
+        ages: dict[str, float], commits: dict[str, tuple[str, ...]],
+        states: dict[str, CoordinatorState], remaining: set[str], report: RecoveryReport,
     ) -> None:
         """Delete the slots of finished transactions, and of those never prepared."""
         if len(listed) < len(self.config.participants):  # a branch may hide on it
@@ -343,13 +357,20 @@ class Recoverer:
         # commit is always safe (see the lemma in txmgr.paxos._core).
         done = [t for t in ages if t not in found and t in commits
                 and self._all_known(t, commits[t], listed, report)]
-        orphans = [t for t in ages if t not in found and t not in commits]
+        # A live coordinator's registration stays (it may be about to prepare);
+        # a gone one's goes at once; when nothing tells, after the grace period.
+        orphans = [t for t in ages if t not in found and t not in commits
+                   and states.get(t) != "alive"]
+        gone = [t for t in orphans if states.get(t) == "gone"]
+        unknown = [t for t in orphans if states.get(t) != "gone"]
         try:
             deleted = 0
             if finished or done:
                 deleted += len(log.forget([*finished, *done]).deleted)
-            if orphans:
-                deleted += len(log.forget(orphans, keep_commit=True,
+            if gone:
+                deleted += len(log.forget(gone, keep_commit=True).deleted)
+            if unknown:
+                deleted += len(log.forget(unknown, keep_commit=True,
                                           min_age=self.paxos_grace).deleted)
             report.decisions_deleted = deleted
         except TxmgrError as e:

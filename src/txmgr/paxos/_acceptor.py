@@ -220,9 +220,10 @@ def encode(conn: psycopg.BaseConnection[Any], body: bytes) -> bytes:
     return PREPARE_ALL + body
 
 
-def register_query(txid: str, coordinator: int) -> sql.Composed:
+def register_query(txid: str, coordinator: int | None = None) -> sql.Composed:
     """Create T's slot (promised 0, nothing accepted) unless it exists, recording
-    ``coordinator``, the key of the registering process's liveness lock.
+    ``coordinator``, the key of the registering process's liveness lock (None:
+    no liveness sign, recovery falls back to its grace period for T).
 
     Asynchronous commit: a registration lost in a crash only makes this
     acceptor "gone" for T, and the first durable statement flushes it anyway.
@@ -230,7 +231,9 @@ def register_query(txid: str, coordinator: int) -> sql.Composed:
     return _execute("txmgr_paxos_register", txid, coordinator, durable=False)
 
 
-def register_many_query(txids: Sequence[str], coordinator: int) -> sql.Composed:
+def register_many_query(
+    txids: Sequence[str], coordinator: int | None = None
+) -> sql.Composed:
     """:func:`register_query` for many txids in one statement (same rule, same commit)."""
     return _execute("txmgr_paxos_register_many", list(txids), coordinator, durable=False)
 

@@ -675,3 +675,35 @@ def test_recovery_never_preempts_a_live_coordinator_whose_commit_reached_a_minor
     assert "alive" in report.resolutions[0].detail
     # The coordinator goes on: the two remaining databases accept its ballot 0.
     assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits
+
+
+def test_a_hung_coordinator_loses_its_liveness_lock_after_the_beacon_timeout(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any],
+) -> None:
+    """A coordinator that stops running (here: its beacon thread is stopped, as
+    in a SIGSTOPped process) no longer touches its beacons: each log database
+    ends them after ``beacon_timeout`` (idle_in_transaction_session_timeout,
+    set inside the beacon's transaction), and recovery then decides."""
+    bank = make_bank()
+    hung = txmgr.PaxosLog(acceptors, connect_timeout=5, beacon_timeout=1)
+    closing.append(hung)
+    txid, voters = hung.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    for p in ("a", "b"):
+        prepare_branch(bank.dsns[p], gids[p],
+                       ["UPDATE accounts SET balance = balance WHERE id = 1"])
+    observer = paxos_log(closing, acceptors)
+    assert all(st.alive.get(txid) is True for st in observer.slots([txid]))
+    hung.beacon._stop.set()  # the process stops running
+    wait_for(lambda: all(st.alive.get(txid) is False for st in observer.slots([txid])),
+             what="every log database to end the hung coordinator's beacon")
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, acceptors)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert (report.committed, report.rolled_back) == (0, 2), report.resolutions
+    # The coordinator comes back: its ballot 0 is refused (the slots went with
+    # the rolled-back branches), it learns that commit can never be chosen.
+    assert hung.propose_commit(txid, voters, ["a", "b"]).rolls_back

@@ -707,3 +707,36 @@ def test_a_hung_coordinator_loses_its_liveness_lock_after_the_beacon_timeout(
     # The coordinator comes back: its ballot 0 is refused (the slots went with
     # the rolled-back branches), it learns that commit can never be chosen.
     assert hung.propose_commit(txid, voters, ["a", "b"]).rolls_back
+
+
+def test_a_transaction_its_live_coordinator_gave_up_is_decided_by_recovery(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    """A coordinator that raises OutcomeUnknown (its commit did not reach a
+    majority) lives on, but no longer drives that transaction: it retires its
+    liveness key (txmgr.paxos._beacon), so recovery decides the transaction on
+    its next pass instead of waiting for the process to exit."""
+    bank = make_bank()
+    dsns = [acceptors[0], proxied(proxies, acceptors[1]), proxied(proxies, acceptors[2])]
+    rules = [(p, p.add_rule(r'EXECUTE "txmgr_paxos_accept', "blackhole", times=None))
+             for p in proxies]
+    tm = txmgr.TransactionManager(bank.dsns, log=txmgr.PaxosLog(dsns, connect_timeout=2),
+                                  connect_timeout=5)
+    closing.append(tm)
+    with pytest.raises(txmgr.OutcomeUnknown):
+        run(tm, transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    for p, rule in rules:
+        p.remove_rule(rule)
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, dsns)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert report.committed + report.rolled_back == 2, report.resolutions
+    assert paxos_prepared(bank) == []
+    assert bank.total() == bank.expected_total
+    # The manager goes on under a new key.
+    run(tm, transfer(5, "b", "a", account=2))
+    assert (bank.balance("a", 2), bank.balance("b", 2)) == (1005, 995)

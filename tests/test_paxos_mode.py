@@ -432,16 +432,18 @@ def test_recovery_deletes_a_registration_nothing_was_prepared_for(
 ) -> None:
     bank = make_bank()
     observer = paxos_log(closing, acceptors)
+    coordinator = paxos_log(closing, acceptors)
     txid = "0123456789abcdef"
-    observer.begin(txid)  # a coordinator that registered, then died before PREPARE
+    coordinator.begin(txid)  # registered, nothing prepared yet
     config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, acceptors))
     patient = txmgr.Recoverer(config, paxos_grace=3600)
     try:
-        patient.run_pass()  # its coordinator may still be at work: left alone
+        report = patient.run_pass()  # its coordinator is alive: left alone
         assert txid in slot_txids(observer)
+        coordinator.beacon.close()  # the coordinator dies: its liveness locks end
+        report = patient.run_pass()  # gone: its registration goes at once, grace or not
     finally:
         patient.close()
-    report = recover(bank, closing, acceptors)
     assert report.ok, report.errors
     assert txid not in slot_txids(observer)
 

@@ -243,7 +243,12 @@ class Beacon:
 def _close(conn: psycopg.Connection[Any] | None) -> None:
     if conn is None:
         return
-    with contextlib.suppress(psycopg.Error):  # closing a broken connection
+    # ROLLBACK first: the server frees the lock before it answers, so a
+    # recoverer asking right after sees it free (a bare close ends the
+    # transaction only once the server has read the connection's end).
+    with contextlib.suppress(psycopg.Error):  # a broken connection: closing is enough
+        conn.rollback()
+    with contextlib.suppress(psycopg.Error):
         conn.close()
 
 

@@ -30,11 +30,14 @@ from txmgr.testing.pytest_plugin import MakeDatabase
 
 
 def txmgr_relations(dsn: str) -> set[str]:
-    """Every relation (table, sequence, index, …) whose name starts with txmgr_."""
+    """Every relation (table, sequence, index, …) whose name starts with txmgr_, and
+    every column of those (``relation.column``: a revision may only add a column)."""
     rows = query(dsn, "SELECT relname FROM pg_class c JOIN pg_namespace n "
                       "ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
                       "AND starts_with(relname, 'txmgr_')")
-    return {r[0] for r in rows}
+    columns = query(dsn, "SELECT table_name || '.' || column_name FROM information_schema.columns "
+                         "WHERE table_schema = 'public' AND starts_with(table_name, 'txmgr_')")
+    return {r[0] for r in rows} | {r[0] for r in columns}
 
 
 def sa_url(dsn: str) -> str:

@@ -43,13 +43,17 @@ from txmgr.paxos._acceptor import (
     run_quorum,
 )
 from txmgr.paxos._core import ABORT, AcceptorRules, Slot, ballot, plan_cleanup
-from txmgr.paxos._schema import install, read_incarnation
+from txmgr.paxos._schema import UPGRADE_0004, install, read_incarnation
 from txmgr.testing import PgServer, Server
 from txmgr.testing.proxy import FaultProxy
 from txmgr.testing.pytest_plugin import MakeDatabase
 
 COMMIT = Value.commit(["billing", "orders"])
 ACCEPT0 = r"EXECUTE \"?txmgr_paxos_accept\"?\('[0-9a-f]{16}', 0,"  # the coordinator's ballot 0
+
+#: The coordinator key the statements here register under: no process holds
+#: its liveness lock (these tests are about the acceptor rules, not liveness).
+NO_BEACON = 1
 
 
 def run(conn: psycopg.Connection[Any], query: sql.Composed) -> Answer:
@@ -146,7 +150,7 @@ def test_sql_acceptor_agrees_with_the_pure_rules(make_database: MakeDatabase) ->
                 continue
             if op == "register_many":  # the same rule for each txid, in one statement
                 batch = rng.sample(txids, rng.randint(1, len(txids)))
-                answer = run(conn, register_many_query(batch))
+                answer = run(conn, register_many_query(batch, NO_BEACON))
                 assert answer.incarnation == incarnation
                 for x in batch:
                     new_slot, want = rules.register(model.get(x))
@@ -156,7 +160,7 @@ def test_sql_acceptor_agrees_with_the_pure_rules(make_database: MakeDatabase) ->
                 continue
             if op == "register":
                 expected = rules.register(model.get(t))
-                answer = run(conn, register_query(t))
+                answer = run(conn, register_query(t, NO_BEACON))
             elif op == "prepare":
                 b = rng.choice(ballots[1:])
                 expected = rules.prepare(model.get(t), b)
@@ -200,7 +204,8 @@ def test_registration_commits_asynchronously_and_decisions_durably(
             assert job.rows == [(setting,)]
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     t = new_txid()
-    assert "SET LOCAL synchronous_commit = off; EXECUTE " in register_query(t).as_string()
+    assert "SET LOCAL synchronous_commit = off; EXECUTE " in register_query(
+        t, NO_BEACON).as_string()
     durable = (prepare_query(t, 5), accept_query(t, 0, COMMIT), forget_query([t],
                                                                              keep_commit=True))
     for query in durable:
@@ -237,7 +242,7 @@ def test_the_acceptor_statements_find_slots_by_key(make_database: MakeDatabase) 
     install(dsn)
     txids = [new_txid() for _ in range(1000)]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        run(conn, register_many_query(txids))
+        run(conn, register_many_query(txids, NO_BEACON))
         conn.execute("ANALYZE txmgr_paxos")
     statements = [
         accept_query(txids[0], 0, COMMIT, forget=txids[1:3]),
@@ -245,7 +250,7 @@ def test_the_acceptor_statements_find_slots_by_key(make_database: MakeDatabase) 
         prepare_query(txids[8], 5),
         read_query(txids[9:12]),
         forget_query(txids[12:15], keep_commit=True),
-        register_many_query([new_txid(), txids[16]]),
+        register_many_query([new_txid(), txids[16]], NO_BEACON),
     ]
     log = PaxosLog([dsn, dsn + "_b", dsn + "_c"], connect_timeout=5)
     try:
@@ -289,19 +294,28 @@ def test_schema_check_and_migration_file(make_database: MakeDatabase) -> None:
 
     try:
         step("upgrade")
+        upgrade_0004(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             first = read_incarnation(conn, dsn)
-            run(conn, register_query(new_txid()))
+            run(conn, register_query(new_txid(), NO_BEACON))
         with pytest.raises(LogSchemaError, match="1 transaction slot"):
             step("downgrade")  # a slot may be an in-doubt decision: refused
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DELETE FROM txmgr_paxos")
         step("downgrade")
         step("upgrade")
+        upgrade_0004(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert read_incarnation(conn, dsn) != first  # re-created: a new acceptor
     finally:
         engine.dispose()
+
+
+def upgrade_0004(dsn: str) -> None:
+    """Revision 0004 (the slot's coordinator key), which the statements need."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in UPGRADE_0004:
+            conn.execute(statement)
 
 
 def _load_migration() -> ModuleType:
@@ -376,9 +390,9 @@ def test_forget_keeps_commits_and_young_slots(acceptor_dsns: list[str],
     committed, idle = new_txid(), new_txid()
     for dsn in acceptor_dsns:  # ballot 0 reached all three (not just a quorum)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            run(conn, register_query(committed))
+            run(conn, register_query(committed, NO_BEACON))
             run(conn, accept_query(committed, 0, COMMIT))
-            run(conn, register_query(idle))
+            run(conn, register_query(idle, NO_BEACON))
     young = log.forget([committed, idle], keep_commit=True, min_age=3600)
     assert young.deleted == {} and young.kept == {committed, idle}
     kept = log.forget([committed, idle], keep_commit=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 import txmgr
@@ -417,7 +418,7 @@ def test_cli_migrates_every_log_database_and_recovers(
 
     migrated = cli("migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.count("migrated from empty to 0003") == 3
+    assert migrated.stdout.count("migrated from empty to 0004") == 3
     paxos_log(closing, dsns).check()  # every log database has the acceptor tables
     crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
     recovered = cli("recover")
@@ -431,16 +432,18 @@ def test_recovery_deletes_a_registration_nothing_was_prepared_for(
 ) -> None:
     bank = make_bank()
     observer = paxos_log(closing, acceptors)
+    coordinator = paxos_log(closing, acceptors)
     txid = "0123456789abcdef"
-    observer.begin(txid)  # a coordinator that registered, then died before PREPARE
+    coordinator.begin(txid)  # registered, nothing prepared yet
     config = txmgr.Config(participants=bank.dsns, log=paxos_log(closing, acceptors))
     patient = txmgr.Recoverer(config, paxos_grace=3600)
     try:
-        patient.run_pass()  # its coordinator may still be at work: left alone
+        report = patient.run_pass()  # its coordinator is alive: left alone
         assert txid in slot_txids(observer)
+        coordinator.beacon.close()  # the coordinator dies: its liveness locks end
+        report = patient.run_pass()  # gone: its registration goes at once, grace or not
     finally:
         patient.close()
-    report = recover(bank, closing, acceptors)
     assert report.ok, report.errors
     assert txid not in slot_txids(observer)
 
@@ -534,3 +537,208 @@ def test_status_json_shows_the_decision_and_every_acceptor(
     assert json.loads(stuck.stdout)["stuck"] == 4
 
 
+def test_a_recoverer_that_does_not_know_a_participant_keeps_the_slots(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any],
+) -> None:
+    """Issue 15, finding 1: a commit over a, b, c; its coordinator died after
+    COMMIT PREPARED on a and b. A recoverer configured with a and b only (another
+    application sharing the log databases) must keep the slots, which name c, or
+    a recoverer that knows c would find no record and roll c back."""
+    bank = make_bank(names=("a", "b", "c"))
+    coordinator = paxos_log(closing, acceptors)  # an observer of the slots
+    # The coordinator commits a and b (in that order), then is SIGKILLed
+    # before the COMMIT PREPARED of c.
+    spec = {"participants": bank.dsns, "log": {"paxos": acceptors},
+            "statements": {"a": ["UPDATE accounts SET balance = balance - 20 WHERE id = 1"],
+                           "b": ["UPDATE accounts SET balance = balance + 10 WHERE id = 1"],
+                           "c": ["UPDATE accounts SET balance = balance + 10 WHERE id = 1"]},
+            "kill_at": "after_commit_prepared", "commits": 2}
+    txid = run_coordinator(KILLED_COORDINATOR, spec, exit_code=-9, timeout=120)
+    assert (bank.balance("a"), bank.balance("b")) == (980, 1010)
+    left = [name for name, dsn in bank.dsns.items()
+            for _ in query(dsn, "SELECT 1 FROM pg_prepared_xacts WHERE starts_with(gid, %s) "
+                                "AND database = current_database()", (PAXOS_GID_PREFIX,))]
+    assert left == ["c"]
+
+    partial = {p: bank.dsns[p] for p in ("a", "b")}
+    other_app = txmgr.Recoverer(txmgr.Config(participants=partial,
+                                             log=paxos_log(closing, acceptors)),
+                                paxos_grace=0)
+    try:
+        first = other_app.run_pass()
+    finally:
+        other_app.close()
+    assert txid in slot_txids(coordinator)  # c is not known here: the slots stay
+    assert first.decisions_deleted == 0 and first.decisions_pending >= 1
+    assert any("c" in line and txid in line for line in first.kept), first.kept
+
+    full = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                        log=paxos_log(closing, acceptors)), paxos_grace=0)
+    try:
+        second = full.run_pass()
+        assert (second.committed, second.rolled_back) == (1, 0)
+        full.run_pass()  # every branch finished: the slots go now
+    finally:
+        full.close()
+    assert (bank.balance("a"), bank.balance("b"), bank.balance("c")) == (980, 1010, 1010)
+    assert paxos_prepared(bank) == []
+    assert txid not in slot_txids(coordinator)
+
+
+# -- the coordinator's liveness sign (txmgr.paxos._beacon) -----------------------------
+
+
+def test_a_dead_coordinators_transactions_are_rolled_back_on_the_next_pass(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    """Issue 16: coordinators SIGKILLed (a crash failpoint: os._exit) with their
+    branches prepared and nothing proposed, one of three log databases down.
+    Recovery with the default grace (the log idle timeout, a minute) rolls them
+    back on its first pass: their coordinators' liveness locks are free on a
+    majority. A live coordinator's transaction at the same stage is left alone."""
+    bank = make_bank()
+    dsns = [acceptors[0], acceptors[1], proxied(proxies, acceptors[2])]
+    proxies[0].stop()
+    dead = {crash_at(bank, dsns, "before_decision", transfer(10 * i, "a", "b", account=i))
+            for i in (1, 2)}
+    live = paxos_log(closing, dsns)
+    txid, voters = live.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    prepare_branch(bank.dsns["a"], gids["a"],
+                   ["UPDATE accounts SET balance = balance - 30 WHERE id = 3"])
+    prepare_branch(bank.dsns["b"], gids["b"],
+                   ["UPDATE accounts SET balance = balance + 30 WHERE id = 3"])
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, dsns)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    by_txid: dict[str, set[str]] = {}
+    for r in report.resolutions:
+        by_txid.setdefault(r.txid, set()).add(r.outcome)
+    assert {t: by_txid.get(t) for t in dead} == {t: {"rolled back"} for t in dead}, \
+        report.resolutions
+    assert by_txid[txid] == {"in progress"}
+    assert sorted(paxos_prepared(bank)) == sorted(gids.values())
+    # The live coordinator finishes its own transaction.
+    assert live.propose_commit(txid, voters, ["a", "b"]).commits
+    for p in ("a", "b"):
+        query(bank.dsns[p], sql.SQL("COMMIT PREPARED {}").format(sql.Literal(gids[p])))
+    assert (bank.balance("a", 3), bank.balance("b", 3)) == (970, 1030)
+    assert (bank.balance("a", 1), bank.balance("a", 2)) == (1000, 1000)
+    assert bank.total() == bank.expected_total
+
+
+def test_recovery_never_preempts_a_live_coordinator_whose_commit_reached_a_minority(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15, finding 7: a healthy coordinator's ballot 0 has reached one log
+    database, which then goes down; the coordinator is still waiting for the
+    others. Recovery saw the commit in its scan and used to run phase 1 at once:
+    the two remaining databases promised, abort was chosen, and the live
+    coordinator lost its transaction. Now its liveness lock (held on the two
+    remaining databases) keeps recovery off, and the coordinator commits."""
+    from txmgr.paxos._acceptor import accept_query
+    from txmgr.paxos._core import BALLOT0, Value
+    from txmgr.paxos._round import run_round
+
+    bank = make_bank()
+    dsns = [proxied(proxies, acceptors[0]), acceptors[1], acceptors[2]]
+    coordinator = paxos_log(closing, dsns)
+    txid, voters = coordinator.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    for p, delta in (("a", -30), ("b", 30)):
+        prepare_branch(bank.dsns[p], gids[p],
+                       [f"UPDATE accounts SET balance = balance + {delta} WHERE id = 1"])
+    # The coordinator's ballot 0 reaches the first log database only (so far).
+    [(_, answer)] = run_round(coordinator, accept_query(txid, BALLOT0, Value.commit(["a", "b"])),
+                              enough=lambda answers: bool(answers),
+                              only=[coordinator.links[0]])
+    assert not isinstance(answer, str) and answer.replies[txid].status == "ok"
+
+    recovery_log = paxos_log(closing, dsns)
+    learn = recovery_log.learn
+
+    def learn_then_lose_the_first(found: dict[str, Any]) -> dict[str, Any]:
+        out = learn(found)  # one commit of three: not chosen, undecided
+        proxies[0].stop()  # and the database that holds it goes down
+        return out
+
+    monkeypatch.setattr(recovery_log, "learn", learn_then_lose_the_first)
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns, log=recovery_log))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert (report.committed, report.rolled_back) == (0, 0), report.resolutions
+    assert report.in_progress == 2
+    assert "alive" in report.resolutions[0].detail
+    # The coordinator goes on: the two remaining databases accept its ballot 0.
+    assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits
+
+
+def test_a_hung_coordinator_loses_its_liveness_lock_after_the_beacon_timeout(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any],
+) -> None:
+    """A coordinator that stops running (here: its beacon thread is stopped, as
+    in a SIGSTOPped process) no longer touches its beacons: each log database
+    ends them after ``beacon_timeout`` (idle_in_transaction_session_timeout,
+    set inside the beacon's transaction), and recovery then decides."""
+    bank = make_bank()
+    hung = txmgr.PaxosLog(acceptors, connect_timeout=5, beacon_timeout=1)
+    closing.append(hung)
+    txid, voters = hung.take()
+    gids = {p: paxos_gid(txid, voters, p) for p in ("a", "b")}
+    for p in ("a", "b"):
+        prepare_branch(bank.dsns[p], gids[p],
+                       ["UPDATE accounts SET balance = balance WHERE id = 1"])
+    observer = paxos_log(closing, acceptors)
+    assert all(st.alive.get(txid) is True for st in observer.slots([txid]))
+    hung.beacon._stop.set()  # the process stops running
+    wait_for(lambda: all(st.alive.get(txid) is False for st in observer.slots([txid])),
+             what="every log database to end the hung coordinator's beacon")
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, acceptors)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert (report.committed, report.rolled_back) == (0, 2), report.resolutions
+    # The coordinator comes back: its ballot 0 is refused (the slots went with
+    # the rolled-back branches), it learns that commit can never be chosen.
+    assert hung.propose_commit(txid, voters, ["a", "b"]).rolls_back
+
+
+def test_a_transaction_its_live_coordinator_gave_up_is_decided_by_recovery(
+    make_bank: MakeBank, acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    """A coordinator that raises OutcomeUnknown (its commit did not reach a
+    majority) lives on, but no longer drives that transaction: it retires its
+    liveness key (txmgr.paxos._beacon), so recovery decides the transaction on
+    its next pass instead of waiting for the process to exit."""
+    bank = make_bank()
+    dsns = [acceptors[0], proxied(proxies, acceptors[1]), proxied(proxies, acceptors[2])]
+    rules = [(p, p.add_rule(r'EXECUTE "txmgr_paxos_accept', "blackhole", times=None))
+             for p in proxies]
+    tm = txmgr.TransactionManager(bank.dsns, log=txmgr.PaxosLog(dsns, connect_timeout=2),
+                                  connect_timeout=5)
+    closing.append(tm)
+    with pytest.raises(txmgr.OutcomeUnknown):
+        run(tm, transfer(30, "a", "b"))
+    assert len(paxos_prepared(bank)) == 2
+    for p, rule in rules:
+        p.remove_rule(rule)
+    recoverer = txmgr.Recoverer(txmgr.Config(participants=bank.dsns,
+                                             log=paxos_log(closing, dsns)))
+    try:
+        report = recoverer.run_pass()
+    finally:
+        recoverer.close()
+    assert report.committed + report.rolled_back == 2, report.resolutions
+    assert paxos_prepared(bank) == []
+    assert bank.total() == bank.expected_total
+    # The manager goes on under a new key.
+    run(tm, transfer(5, "b", "a", account=2))
+    assert (bank.balance("a", 2), bank.balance("b", 2)) == (1005, 995)

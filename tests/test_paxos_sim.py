@@ -27,13 +27,14 @@ from txmgr.paxos._core import (
     ballot,
     ballot_proposer,
     ballot_round,
+    names_known,
     next_ballot,
     plan_cleanup,
     quorum_of,
     registered_voters,
     settled,
 )
-from txmgr.paxos._sim import Simulation, SimulationFailed, run_many
+from txmgr.paxos._sim import NAMES, Simulation, SimulationFailed, run_many
 from txmgr.paxos.sim import main
 
 SOAK = os.environ.get("TXMGR_SOAK", "").strip() in ("1", "true", "yes")
@@ -270,6 +271,12 @@ def test_plan_cleanup() -> None:
     assert plan.idle == {"old"}
 
 
+def test_the_cleanup_rule_needs_every_participant_a_commit_names() -> None:
+    assert names_known(Value.commit(["a", "b"]), ["a", "b", "c"])
+    assert not names_known(Value.commit(["a", "b", "c"]), ["a", "b"])  # issue 15, finding 1
+    assert names_known(ABORT, []) and names_known(None, [])  # abort names nobody
+
+
 # -- the simulation ------------------------------------------------------------------------------
 
 
@@ -343,6 +350,15 @@ class AmnesiacAcceptor(Simulation):
     rules_class = CreatesSlots
 
 
+class CleansUpWhatItDoesNotKnow(Simulation):
+    """A recovery configured with two participants that deletes the slots of a
+    commit naming the third as soon as its own two are finished (issue 15,
+    finding 1): the third's branch is then rolled back as forgotten."""
+
+    def known_for_cleanup(self, knows: tuple[str, ...]) -> tuple[str, ...]:
+        return NAMES
+
+
 class CountsEveryIncarnation(Simulation):
     """Recovery that takes every acceptor answering now for a voter (wiped ones too)."""
 
@@ -352,12 +368,15 @@ class CountsEveryIncarnation(Simulation):
 
 
 @pytest.mark.parametrize(
-    "broken", [BrokenAcceptor, BrokenRecovery, AmnesiacAcceptor, CountsEveryIncarnation],
+    "broken", [BrokenAcceptor, BrokenRecovery, AmnesiacAcceptor, CountsEveryIncarnation,
+               CleansUpWhatItDoesNotKnow],
     ids=["acceptor-accepts-below-promise", "recovery-ignores-accepted-commit",
-         "acceptor-recreates-forgotten-slots", "recovery-counts-wiped-acceptors"],
+         "acceptor-recreates-forgotten-slots", "recovery-counts-wiped-acceptors",
+         "recovery-cleans-up-what-it-does-not-know"],
 )
 def test_the_simulation_catches_a_broken_protocol(broken: type[Simulation]) -> None:
-    with pytest.raises(SimulationFailed, match=r"agreement|atomicity") as caught:
+    violated = r"agreement|atomicity|the coordinator said"
+    with pytest.raises(SimulationFailed, match=violated) as caught:
         run_many(CI_SCHEDULES, seed=0, simulation=broken)
     # The message names the seed, and that seed alone replays the failure.
     seed = int(str(caught.value).split(":")[0].removeprefix("seed "))

@@ -118,9 +118,6 @@ def test_resolve_proposes_abort_after_the_grace_and_never_commit(
         return [str(st.slots[txid].accepted_value) for st in observer.slots([txid])
                 if txid in st.slots and st.slots[txid].accepted_value is not None]
 
-    # Registered moments ago: within the coordinator's grace (idle_timeout, 60 s).
-    code, out = cli(capsys, pg_servers, config, gids["a"], "--rollback")
-    assert code == 1 and "in progress" in out and "grace" in out
     # Commit is never proposed by resolve, whatever the grace: nothing was accepted.
     code, out = cli(capsys, pg_servers, config, gids["a"], "--commit", "--force")
     assert code == 1
@@ -128,10 +125,11 @@ def test_resolve_proposes_abort_after_the_grace_and_never_commit(
     assert "--force cannot override" in out
     assert gids_of(bank) == gids and accepted() == []
 
-    # After the grace (0 here: the coordinator is known dead), abort is proposed.
+    # Its coordinator is gone (its liveness lock is free on every log database):
+    # abort is proposed at once, within the grace (idle_timeout, 60 s) too.
     paxos_config_obj = txmgr.Config.from_file(config)
     closing.append(paxos_config_obj.paxos_log)
-    result = resolve(paxos_config_obj, gids["a"], commit=False, paxos_grace=0,
+    result = resolve(paxos_config_obj, gids["a"], commit=False,
                      requested_by="ops", reason="coordinator gone")
     assert (result.outcome, result.action, result.log_decision) == ("done", "rollback", "abort")
     assert "decided by this command's Paxos round" in result.detail and not result.forced
@@ -269,3 +267,24 @@ def test_nothing_is_done_unless_a_majority_of_log_databases_take_the_audit_row(
     assert "txmgr_resolution_audit" in out  # what is missing where
     assert query(bank.dsns["a"], "SELECT 1 FROM pg_prepared_xacts WHERE gid = 'legacy 18'")
     assert bank.balance("a", 3) == START  # not committed
+
+
+def test_resolve_refuses_to_abort_for_a_live_coordinator(
+    tmp_path: Path, make_bank: MakeBank, acceptors: list[str],  # noqa: F811
+    closing: list[Any], pg_servers: list[Server], capsys: pytest.CaptureFixture[str],  # noqa: F811
+) -> None:
+    """The rule of recovery (txmgr.paxos._beacon.may_decide): a transaction whose
+    coordinator is alive (here: registered, every branch prepared, ballot 0 not
+    sent yet) is never decided by resolve, even with no grace at all."""
+    bank = make_bank()
+    coordinator = paxos_log(closing, acceptors)
+    txid, voters = coordinator.take()
+    gids = {p: str(PaxosGid(txid, voters, p)) for p in ("a", "b")}
+    for p, gid in gids.items():
+        prepare_branch(bank.dsns[p], gid, ["UPDATE accounts SET balance = balance WHERE id = 1"])
+    config = txmgr.Config.from_file(paxos_config(tmp_path / "txmgr.toml", bank, acceptors))
+    closing.append(config.paxos_log)
+    with pytest.raises(txmgr.errors.ResolveRefused, match="alive inside the protocol"):
+        resolve(config, gids["a"], commit=False, paxos_grace=0, requested_by="ops")
+    assert sorted(gids_of(bank).values()) == sorted(gids.values())
+    assert coordinator.propose_commit(txid, voters, ["a", "b"]).commits

@@ -122,13 +122,17 @@ class TransactionCore:
     and drives the generators they return to the end.
     """
 
-    __slots__ = ("branches", "state", "tm", "txid")
+    __slots__ = ("_maybe_prepared", "_registered", "branches", "state", "tm", "txid")
 
     def __init__(self, tm: Coordinator) -> None:
         self.tm = tm
         self.txid = new_txid()
         self.branches: dict[str, Branch] = {}  # participant name -> its branch
         self.state = TransactionState.ACTIVE
+        self._registered = False  # Paxos mode: the txid is registered on the log
+        # A PREPARE or ROLLBACK PREPARED went unanswered or failed: a branch
+        # may be left prepared for recovery.
+        self._maybe_prepared = False
 
     def require(self, state: TransactionState, call: str) -> None:
         if self.state is not state:
@@ -181,7 +185,21 @@ class TransactionCore:
         finally:
             if self.state is TransactionState.COMMITTING:  # an unexpected error
                 self.state = TransactionState.UNKNOWN
+            if self._registered:
+                self._release_paxos()
             yield from self._release_all()
+
+    def _release_paxos(self) -> None:
+        """Tell the Paxos log this coordinator no longer drives the txid (in memory,
+        no I/O): while it does, its liveness lock keeps recovery from deciding it.
+        Settled: commit was chosen (recovery only applies it), or it ended rolled
+        back with nothing left prepared; anything else is left to recovery."""
+        log = self.tm.config.paxos_log
+        assert log is not None
+        settled = self.state in (TransactionState.COMMITTED,
+                                 TransactionState.COMMITTED_PENDING) or (
+            self.state is TransactionState.ROLLED_BACK and not self._maybe_prepared)
+        log.release(self.txid, settled=settled)
 
     def rollback(self) -> Step[None]:
         """Roll back every branch (a no-op once the transaction has ended)."""
@@ -442,6 +460,7 @@ class TransactionCore:
             yield from self._abort(f"could not register the transaction on the Paxos log: {e}", e)
         logger.debug("txid=%s: registered on the Paxos log as %s", self.txid, txid)
         self.txid = txid
+        self._registered = True
         for b in to_prepare:
             b.gid = paxos_gid(txid, voters, b.name)
         return voters
@@ -513,6 +532,8 @@ class TransactionCore:
             # A lost connection may have prepared the branch or not: if it did,
             # the decision (aborted below) makes recovery roll it back.
             b.prepared = job.error is None
+            if job.error is not None:
+                self._maybe_prepared = True
         failed = [(b, j.error) for b, j in zip(to_prepare, jobs, strict=True) if j.error]
         if not failed:
             for b in to_prepare:
@@ -689,6 +710,7 @@ class TransactionCore:
             if job.error is not None and not _finished_elsewhere(job.error):
                 # The server rolls back a lost session on its own, recovery the rest.
                 logger.warning("txid=%s: rollback failed: %s", self.txid, job.error)
+                self._maybe_prepared = True
 
     def _release_all(self) -> Step[None]:
         branches = list(self.branches.values())

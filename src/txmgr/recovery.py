@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import selectors
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -51,6 +51,7 @@ from txmgr._gid import Gid, log_prefix
 from txmgr.config import Config
 from txmgr.errors import TxmgrError
 from txmgr.participant import PreparedBranch, list_prepared
+from txmgr.paxos._beacon import CoordinatorState, coordinator_state, may_decide
 from txmgr.paxos._core import Outcome as PaxosOutcome
 from txmgr.paxos._core import Voters
 from txmgr.paxos._gid import PAXOS_GID_PREFIX, PaxosGid
@@ -87,6 +88,9 @@ class RecoveryReport:
     unreachable: list[str] = field(default_factory=list)  # participants that did not answer
     decisions_deleted: int = 0
     decisions_pending: int = 0
+    # Decision records kept because they name a participant this recoverer does
+    # not know (one line each: the txid and the participants missing).
+    kept: list[str] = field(default_factory=list)
     log_reachable: bool = True
 
     def count(self, outcome: Outcome) -> int:
@@ -254,11 +258,20 @@ class Recoverer:
                 + "; ".join(f"{st.dsn}: {st.error}" for st in statuses if st.error)
             )
         ages: dict[str, float] = {}  # txid -> seconds since its registration
-        commits: set[str] = set()  # txids with a commit accepted somewhere
+        # txid -> acceptor incarnation -> its coordinator's liveness lock is held there
+        alive: dict[str, dict[str, bool]] = {}
+        # txids with a commit accepted somewhere, and the participants it names
+        # (every commit of a txid is the coordinator's ballot-0 value: one value)
+        commits: dict[str, tuple[str, ...]] = {}
         for st in reached:
             for txid, age in st.ages.items():
                 ages[txid] = max(age, ages.get(txid, 0.0))
-            commits.update(t for t, slot in st.slots.items() if slot.holds_commit)
+            for t, slot in st.slots.items():
+                if slot.holds_commit and slot.accepted_value is not None:
+                    commits[t] = slot.accepted_value.participants
+            if st.incarnation is not None:
+                for t, held in st.alive.items():
+                    alive.setdefault(t, {})[st.incarnation] = held
         listed = self._list_all(PAXOS_GID_PREFIX, report)
         found: dict[str, Voters] = {}
         todo_gids: list[tuple[str, PreparedBranch, PaxosGid]] = []
@@ -275,13 +288,19 @@ class Recoverer:
             for txid, learned in outcomes.items():
                 # No slot seen: registered after the scan, its coordinator is at work.
                 age = ages.get(txid, 0.0)
-                if learned.decision == "undecided" and (age >= self.paxos_grace
-                                                        or txid in commits):
-                    # Its coordinator had its time — or it proposed commit already
-                    # (ballot 0 goes to a majority; one of them may be down now,
-                    # hiding the choice from a plain read): decide. Phase 1 finds
-                    # a chosen commit in any majority; safety never needs the wait.
+                voters = found[txid]
+                state = coordinator_state(alive.get(txid, {}), voters.quorum, voters)
+                if learned.decision == "undecided" and may_decide(state, age,
+                                                                  self.paxos_grace):
+                    # Its coordinator is gone (or, when nothing tells, had its
+                    # time): decide. Phase 1 finds a chosen commit in any
+                    # majority; safety never needs the liveness sign. A live
+                    # coordinator is left alone even if it proposed commit
+                    # already: it is inside the protocol and finishes it.
                     outcomes[txid] = log.recover(txid, found[txid])
+                elif learned.decision == "undecided" and state == "alive":
+                    outcomes[txid] = PaxosOutcome(
+                        "undecided", detail="its coordinator is alive inside the protocol")
         except TxmgrError as e:
             report.log_reachable = False
             report.errors.append(f"log: {redact(str(e))}")
@@ -299,38 +318,54 @@ class Recoverer:
             todo.setdefault(name, []).append(item)
         self._finish_all(todo)
         remaining = _report(slots, report)
-        if len(listed) == len(self.config.participants):  # else a branch may hide
-            self._paxos_cleanup(log, found, outcomes, ages, commits, remaining, report)
+        states = {t: coordinator_state(alive.get(t, {}), log.quorum) for t in ages}
+        self._paxos_cleanup(log, listed, found, outcomes, ages, commits, states, remaining,
+                            report)
         return report
 
     def _paxos_cleanup(
-        self, log: PaxosLog, found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
-        ages: dict[str, float], commits: set[str], remaining: set[str],
-        report: RecoveryReport,
+        self, log: PaxosLog, listed: dict[str, list[PreparedBranch]],
+        found: dict[str, Voters], outcomes: dict[str, PaxosOutcome],
+        ages: dict[str, float], commits: dict[str, tuple[str, ...]],
+        states: dict[str, CoordinatorState], remaining: set[str], report: RecoveryReport,
     ) -> None:
         """Delete the slots of finished transactions, and of those never prepared."""
+        if len(listed) < len(self.config.participants):  # a branch may hide on it
+            report.decisions_pending = len(set(ages) | set(found))
+            return
         # Listed, and every branch listed is finished now. For a commit that is
         # all of them only if the commit was seen in the slots read *before* the
         # listing: a commit chosen later may have had a branch prepared after
         # its participant was listed (found by the torture test). That one
         # waits for a later pass (``done`` below). Slots holding no commit may
         # go at any time (the lemma in txmgr.paxos._core).
+        # A commit names its participants: all of them must have been listed
+        # here (_all_known, the rule of both log modes).
         finished = [t for t in found if t not in remaining and t in outcomes
-                    and (t in commits if outcomes[t].commits else outcomes[t].rolls_back)]
+                    and (t in commits and self._all_known(t, commits[t], listed, report)
+                         if outcomes[t].commits else outcomes[t].rolls_back)]
         # Slots and no prepared branch. A commit accepted before the scan means
         # every branch was prepared before the listing, which found none: all
         # finished. Otherwise the coordinator may not have prepared yet (or
         # never will): after its grace period the slot goes — unless it holds
         # a commit by then (keep_commit), as deleting a slot that holds no
         # commit is always safe (see the lemma in txmgr.paxos._core).
-        done = [t for t in ages if t not in found and t in commits]
-        orphans = [t for t in ages if t not in found and t not in commits]
+        done = [t for t in ages if t not in found and t in commits
+                and self._all_known(t, commits[t], listed, report)]
+        # A live coordinator's registration stays (it may be about to prepare);
+        # a gone one's goes at once; when nothing tells, after the grace period.
+        orphans = [t for t in ages if t not in found and t not in commits
+                   and states.get(t) != "alive"]
+        gone = [t for t in orphans if states.get(t) == "gone"]
+        unknown = [t for t in orphans if states.get(t) != "gone"]
         try:
             deleted = 0
             if finished or done:
                 deleted += len(log.forget([*finished, *done]).deleted)
-            if orphans:
-                deleted += len(log.forget(orphans, keep_commit=True,
+            if gone:
+                deleted += len(log.forget(gone, keep_commit=True).deleted)
+            if unknown:
+                deleted += len(log.forget(unknown, keep_commit=True,
                                           min_age=self.paxos_grace).deleted)
             report.decisions_deleted = deleted
         except TxmgrError as e:
@@ -369,6 +404,26 @@ class Recoverer:
             if self._on_resolution is not None:
                 self._on_resolution(item.resolution)
 
+    def _all_known(
+        self, txid: str, named: Iterable[str], listed: Mapping[str, object],
+        report: RecoveryReport,
+    ) -> bool:
+        """The cleanup rule of both log modes: a decision record may be deleted only
+        when every participant it names was listed by this pass (and so is known
+        finished). A record naming a participant this recoverer is not configured
+        with (another application sharing the log) is kept, and said so: deleting
+        it would make that participant's branch look forgotten, and roll it back."""
+        missing = sorted(set(named) - set(listed))
+        unknown = [p for p in missing if p not in self.config.participants]
+        if unknown:  # (a configured one that did not answer is in report.errors already)
+            line = (f"txid={txid}: kept, it names participants this recoverer does not know: "
+                    f"{', '.join(unknown)} (a recoverer configured with them finishes "
+                    "their branches and deletes it)")
+            report.kept.append(line)
+            logger.warning("decision record %s", line,
+                           extra={"txid": txid, "unknown_participants": unknown})
+        return not missing
+
     def _cleanup(
         self,
         lconn: psycopg.Connection[Any],
@@ -381,7 +436,7 @@ class Recoverer:
         finished = [
             txid
             for txid, row in rows.items()
-            if txid not in remaining and all(p in listed for p in row.participants)
+            if txid not in remaining and self._all_known(txid, row.participants, listed, report)
         ]
         try:
             report.decisions_deleted = decision_log.delete_decisions(lconn, finished)

@@ -26,9 +26,11 @@ majority of the log databases chose. For a ``txp1_`` gid, with its voters
 1. a majority of the voters holds a chosen value, or so many voters lost the
    transaction that commit can never be chosen (``forgotten``: roll back):
    that is the decision — rules 2 and 3 above apply to it;
-2. undecided, and registered less than the coordinator's grace ago
-   (``paxos_grace``, by default the log's ``idle_timeout``, as for
-   recovery): refused as ``in progress``;
+2. undecided, and its coordinator alive (its liveness lock held on a voter,
+   :mod:`txmgr.paxos._beacon`), or — when the log databases cannot tell —
+   registered less than the grace ago (``paxos_grace``, by default the log's
+   ``idle_timeout``): refused as ``in progress``; the rule is recovery's
+   (:func:`txmgr.paxos._beacon.may_decide`);
 3. undecided, ``--rollback``: a recovery round proposes abort. Paxos turns
    it into commit if a commit was accepted at the highest ballot among the
    majority that answers — then the request is refused (rule 2 above);
@@ -80,6 +82,7 @@ from txmgr.errors import (
     UnknownParticipant,
 )
 from txmgr.participant import FinishResult, connect, finish_prepared
+from txmgr.paxos._beacon import coordinator_state, may_decide
 from txmgr.paxos._core import Outcome, Reply, Voters, settled
 from txmgr.paxos._gid import PaxosGid
 from txmgr.paxos._log import AcceptorStatus, PaxosLog
@@ -425,7 +428,15 @@ def _paxos_decision(
                 "--rollback (it proposes abort; Paxos keeps a commit if one was accepted "
                 "where it counts), or let recovery decide (`txmgr recover`)"
             )
-        if view.age < grace:
+        state = coordinator_state(view.alive, voters.quorum, voters)
+        if state == "alive":
+            raise ResolveRefused(
+                f"{gid!r} on {name}: transaction {txid} is undecided and its coordinator is "
+                "alive inside the protocol (its process holds its liveness lock on the log "
+                "databases): it decides the transaction itself; wait and try again — "
+                "--force cannot override this"
+            )
+        if not may_decide(state, view.age, grace):
             raise ResolveRefused(
                 f"{gid!r} on {name}: transaction {txid} is undecided and was registered "
                 f"{view.age:.1f}s ago, within its coordinator's grace ({grace:g}s, the log's "
@@ -469,6 +480,7 @@ class _VotersView:
     age: float  # seconds since its registration (oldest slot seen)
     commit_seen: bool  # a voter that answered accepted commit
     lines: tuple[str, ...]  # per log database, for messages
+    alive: dict[str, bool]  # by voter: its coordinator's liveness lock is held there
 
     def describe(self) -> str:
         return "; ".join(self.lines)
@@ -486,6 +498,7 @@ def _read_voters(log: PaxosLog, txid: str, voters: Voters) -> _VotersView:
     age = 0.0
     commit_seen = False
     lines = []
+    alive: dict[str, bool] = {}
     for st in statuses:
         if st.error is not None or st.incarnation is None:
             # It may be a voter, unless an earlier answer of the same link showed
@@ -503,11 +516,13 @@ def _read_voters(log: PaxosLog, txid: str, voters: Voters) -> _VotersView:
             lines.append(f"{st.dsn}: voter, no longer has it")
             continue
         age = max(age, st.ages.get(txid, 0.0))
+        if txid in st.alive:
+            alive[st.incarnation] = st.alive[txid]
         commit_seen = commit_seen or slot.holds_commit
         accepted = (f"accepted {slot.accepted_value} at ballot {slot.accepted_ballot}"
                     if slot.accepted_value is not None else "nothing accepted")
         lines.append(f"{st.dsn}: voter, promised ballot {slot.promised}, {accepted}")
-    return _VotersView(replies, unreachable, age, commit_seen, tuple(lines))
+    return _VotersView(replies, unreachable, age, commit_seen, tuple(lines), alive)
 
 
 def _no_majority(gid: str, name: str, txid: str, voters: Voters, view: _VotersView) -> str:

@@ -35,7 +35,7 @@ import re
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -81,16 +81,36 @@ def _one(change: str, absent: str, *, before: str = "") -> str:
         f"WHEN p.txid IS NOT NULL THEN 'rejected' ELSE '{absent}' END, "
         f"({col('promised')})::text, ({col('accepted_ballot')})::text, {col('accepted_value')}, "
         f"array_to_string({col('participants')}, ','), "
-        f"extract(epoch FROM now() - {col('created_at')})::float8 "
+        f"extract(epoch FROM now() - {col('created_at')})::float8, NULL::boolean "
         # p: the slot as the snapshot saw it, read only when nothing changed
         "FROM txmgr_paxos_acceptor a LEFT JOIN ch ON true "
         "LEFT JOIN txmgr_paxos p ON p.txid = $1 AND ch.txid IS NULL"
     )
 
 
-_ROWS = ("a.incarnation, s.txid, coalesce(s.status, 'gone'), s.promised::text, "
-         "s.accepted_ballot::text, s.accepted_value, array_to_string(s.participants, ','), "
-         "extract(epoch FROM now() - s.created_at)::float8")
+
+def _rows(alive: str = "NULL::boolean") -> str:
+    """The columns of every answer's rows, from the subquery ``s``; ``alive``: is the
+    slot's coordinator alive (see :data:`_BEACONS`), NULL where not asked."""
+    return ("a.incarnation, s.txid, coalesce(s.status, 'gone'), s.promised::text, "
+            "s.accepted_ballot::text, s.accepted_value, array_to_string(s.participants, ','), "
+            f"extract(epoch FROM now() - s.created_at)::float8, {alive}")
+
+
+_ROWS = _rows()
+
+# The liveness locks held in this database: a coordinator's process holds its
+# key (pg_advisory_xact_lock(bigint): classid the high half, objid the low half,
+# objsubid 1) inside a transaction that lives as long as the process
+# (txmgr.paxos._beacon). Read once per statement (a hashed subplan), not per row.
+_BEACONS = (
+    "beacons AS MATERIALIZED (SELECT (l.classid::bigint << 32) | l.objid::bigint AS key "
+    " FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted "
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) "
+)
+# NULL: the slot records no coordinator (registered before revision 0004) or is gone.
+_ALIVE = ("CASE WHEN s.coordinator IS NULL THEN NULL "
+          "ELSE s.coordinator IN (SELECT key FROM beacons) END")
 
 
 def _many(change: str, absent: str, *, before: str = "", table: str = "") -> str:
@@ -112,13 +132,16 @@ def _many(change: str, absent: str, *, before: str = "", table: str = "") -> str
 
 #: name -> (argument types, statement)
 STATEMENTS: dict[str, tuple[str, str]] = {
-    "txmgr_paxos_register": ("text", _one(
-        "INSERT INTO txmgr_paxos (txid) VALUES ($1) ON CONFLICT (txid) DO NOTHING",
+    # $2: the key of the registering process's liveness lock (see _BEACONS).
+    "txmgr_paxos_register": ("text, bigint", _one(
+        "INSERT INTO txmgr_paxos (txid, coordinator) VALUES ($1, $2) "
+        "ON CONFLICT (txid) DO NOTHING",
         "rejected")),
     # Many slots at once (the coordinator registers ahead, see PaxosLog.take):
     # "ok" for each one created, "rejected" for one that existed.
-    "txmgr_paxos_register_many": ("text[]", _many(
-        "INSERT INTO txmgr_paxos (txid) SELECT unnest($1) ON CONFLICT (txid) DO NOTHING",
+    "txmgr_paxos_register_many": ("text[], bigint", _many(
+        "INSERT INTO txmgr_paxos (txid, coordinator) SELECT unnest($1), $2 "
+        "ON CONFLICT (txid) DO NOTHING",
         "rejected")),
     "txmgr_paxos_promise": ("text, bigint", _one(
         "UPDATE txmgr_paxos SET promised = $2 WHERE txid = $1 AND promised < $2", "gone")),
@@ -150,15 +173,19 @@ STATEMENTS: dict[str, tuple[str, str]] = {
         " FROM unnest($1) AS t(txid) LEFT JOIN del d ON d.txid = t.txid "
         " LEFT JOIN txmgr_paxos c ON c.txid = t.txid AND d.txid IS NULL) s"
     )),
+    # Reads (recovery, status, learners) also say whether each slot's
+    # coordinator is alive; the coordinator's own statements do not pay for that.
     "txmgr_paxos_read": ("text[]", (
-        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a CROSS JOIN ("
+        f"WITH {_BEACONS}SELECT {_rows(_ALIVE)} FROM txmgr_paxos_acceptor a CROSS JOIN ("
         " SELECT t.txid, CASE WHEN p.txid IS NOT NULL THEN 'ok' END AS status, "
-        "  p.promised, p.accepted_ballot, p.accepted_value, p.participants, p.created_at "
+        "  p.promised, p.accepted_ballot, p.accepted_value, p.participants, p.created_at, "
+        "  p.coordinator "
         " FROM unnest($1) AS t(txid) LEFT JOIN txmgr_paxos p ON p.txid = t.txid) s"
     )),
     "txmgr_paxos_scan": ("", (
-        f"SELECT {_ROWS} FROM txmgr_paxos_acceptor a LEFT JOIN ("
-        f" SELECT 'ok' AS status, {_SLOT} FROM txmgr_paxos) s ON true ORDER BY s.created_at"
+        f"WITH {_BEACONS}SELECT {_rows(_ALIVE)} FROM txmgr_paxos_acceptor a LEFT JOIN ("
+        f" SELECT 'ok' AS status, {_SLOT}, coordinator FROM txmgr_paxos) s ON true "
+        "ORDER BY s.created_at"
     )),
 }
 
@@ -257,18 +284,20 @@ def encode(conn: psycopg.BaseConnection[Any], body: bytes) -> bytes:
     return PREPARE_ALL + body
 
 
-def register_query(txid: str) -> Statement:
-    """Create T's slot (promised 0, nothing accepted) unless it exists.
+def register_query(txid: str, coordinator: int | None = None) -> Statement:
+    """Create T's slot (promised 0, nothing accepted) unless it exists, recording
+    ``coordinator``, the key of the registering process's liveness lock (None:
+    no liveness sign, recovery falls back to its grace period for T).
 
     Asynchronous commit: a registration lost in a crash only makes this
     acceptor "gone" for T, and the first durable statement flushes it anyway.
     """
-    return _execute("txmgr_paxos_register", txid, durable=False)
+    return _execute("txmgr_paxos_register", txid, coordinator, durable=False)
 
 
-def register_many_query(txids: Sequence[str]) -> Statement:
+def register_many_query(txids: Sequence[str], coordinator: int | None = None) -> Statement:
     """:func:`register_query` for many txids in one statement (same rule, same commit)."""
-    return _execute("txmgr_paxos_register_many", list(txids), durable=False)
+    return _execute("txmgr_paxos_register_many", list(txids), coordinator, durable=False)
 
 
 def prepare_query(txid: str, ballot: int) -> Statement:
@@ -332,11 +361,14 @@ def query_for(request: Request, *, forget: Sequence[str] = ()) -> Statement:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One acceptor's answer: its incarnation, and per txid the reply and the slot's age."""
+    """One acceptor's answer: its incarnation, and per txid the reply and the slot's
+    age; reads also say per txid whether its coordinator is alive (``alive``:
+    True/False, absent where the slot records no coordinator)."""
 
     incarnation: str
     replies: dict[str, Reply]
     ages: dict[str, float]
+    alive: dict[str, bool] = field(default_factory=dict)
 
 
 def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
@@ -348,9 +380,12 @@ def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
         raise ValueError("the acceptor has no incarnation")
     replies: dict[str, Reply] = {}
     ages: dict[str, float] = {}
-    for _, txid, status, promised, ab, av, parts, age in rows:
+    alive: dict[str, bool] = {}
+    for _, txid, status, promised, ab, av, parts, age, live in rows:
         if txid is None:  # scan of an empty table
             continue
+        if live is not None:  # text values: 't' / 'f'
+            alive[txid] = live in ("t", "true", True)
         slot = None
         if promised is not None:
             value = None
@@ -367,4 +402,4 @@ def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
             replies[txid] = Reply("gone")
         else:
             raise ValueError(f"unexpected acceptor status {status!r}")
-    return Answer(incarnation, replies, ages)
+    return Answer(incarnation, replies, ages, alive)

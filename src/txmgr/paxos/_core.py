@@ -148,6 +148,7 @@ __all__ = [
     "ballot_proposer",
     "ballot_round",
     "check_incarnation",
+    "names_known",
     "next_ballot",
     "plan_cleanup",
     "quorum_of",
@@ -568,6 +569,17 @@ def _too_few(voters: Voters, answered: int) -> str:
 # -- cleanup of finished transactions ----------------------------------------------
 
 
+def names_known(value: Value | None, known: Iterable[str]) -> bool:
+    """The cleanup rule: the slots of a transaction whose value is ``value`` (None:
+    nothing accepted) may be deleted by a recoverer that saw nothing of it
+    prepared on the participants ``known`` only if every participant the value
+    names is among them. A commit names its participants; one this recoverer
+    does not know (another application sharing the log databases) may still
+    have its branch prepared, and without the slots it would be rolled back
+    as forgotten. Abort names nobody: its slots may go (D3)."""
+    return value is None or set(value.participants) <= set(known)
+
+
 @dataclass(frozen=True, slots=True)
 class Cleanup:
     """Slots to delete: ``finished`` everywhere (D2/D3), ``idle`` unless they hold a commit (D1)."""
@@ -603,7 +615,7 @@ def plan_cleanup(
         commits = [s.accepted_value for s, _ in found
                    if s.holds_commit and s.accepted_value is not None]
         if commits:
-            if all(set(v.participants) <= ok for v in commits):
+            if all(names_known(v, ok) for v in commits):
                 finished.add(txid)
         elif min(age for _, age in found) >= grace:
             idle.add(txid)

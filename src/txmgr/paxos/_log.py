@@ -51,6 +51,7 @@ from txmgr.paxos._acceptor import (
     scan_query,
 )
 from txmgr.paxos._batch import Combiner
+from txmgr.paxos._beacon import Beacon
 from txmgr.paxos._core import (
     BALLOT0,
     MAX_ACCEPTORS,
@@ -99,6 +100,9 @@ class AcceptorStatus:
     error: str | None
     slots: dict[str, Slot] = field(default_factory=dict)
     ages: dict[str, float] = field(default_factory=dict)  # seconds since registration
+    # txid -> whether its coordinator's liveness lock is held here (absent: the
+    # slot records no coordinator); see txmgr.paxos._beacon
+    alive: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -148,7 +152,11 @@ class PaxosLog:
       meanwhile wait and go together in one statement per log database (up to
       ``accept_batch`` of them): one durable write for all. A lone commit is
       sent at once. 1 combines the most; a round stuck on a stalling log
-      database (until ``hedge_after``) holds up the commits behind it.
+      database (until ``hedge_after``) holds up the commits behind it;
+    - ``beacon_timeout``: seconds after which a log database ends this
+      process's liveness lock if the process stops touching it (hung): then
+      recovery decides its undecided transactions (see
+      :mod:`txmgr.paxos._beacon`; a process that dies loses it at once).
     """
 
     def __init__(
@@ -169,6 +177,7 @@ class PaxosLog:
         accept_rounds: int = 1,
         accept_batch: int = 64,
         prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
+        beacon_timeout: float = 60.0,
     ) -> None:
         dsns = list(dsns)
         if isinstance(dsns, str) or len(dsns) < 3 or len(dsns) % 2 == 0 or \
@@ -203,6 +212,9 @@ class PaxosLog:
                       for d in dsns]
         self.collector = Collector(timeout=self.round_timeout, done=straggler_done)
         self.proposer = Proposer(proposer_id if proposer_id is not None else secrets.randbits(32))
+        if beacon_timeout <= 0:
+            raise ConfigError("PaxosLog: beacon_timeout must be positive")
+        self.beacon = Beacon(self.dsns, connect_timeout=connect_timeout, timeout=beacon_timeout)
         if ahead < 1 or ahead_max_age <= 0:
             raise ConfigError("PaxosLog: ahead must be at least 1 and ahead_max_age positive")
         self.ahead = ahead
@@ -224,8 +236,9 @@ class PaxosLog:
         self._owed: list[list[str]] = [[] for _ in self.links]
         self._owed_lock = threading.Lock()
         self._turn = 0
-        # Registered ahead: (txid, voters, monotonic time the round was sent).
-        self._ready: deque[tuple[str, Voters, float]] = deque()
+        # Registered ahead: (txid, voters, monotonic time the round was sent,
+        # the liveness key it was registered under).
+        self._ready: deque[tuple[str, Voters, float, int]] = deque()
         self._batch = 1  # next registration round's size: doubles while used up, see take()
         self._refilled = 0.0
         self._unused: list[str] = []  # registered, never used: deleted on the next decision
@@ -297,7 +310,9 @@ class PaxosLog:
         # one more log database the transaction survives losing.
         unanswered = run_quorum(reg.jobs, enough=reg.enough, linger=self.linger,
                                 timeout=self.round_timeout)
-        return reg.finish(unanswered)
+        voters = reg.finish(unanswered)
+        self.beacon.hand_out(txid, reg.key)
+        return voters
 
     def take(self) -> tuple[str, Voters]:
         """A txid registered on the log databases, and its voters, for a transaction
@@ -322,20 +337,32 @@ class PaxosLog:
                 expired += 1
             if expired:
                 self._batch = max(1, self._batch // 2)
-            if not self._ready:
-                if not expired and now - self._refilled < self.ahead_max_age / 2:
-                    self._batch = min(self.ahead, self._batch * 2)
-                self._register_ahead(self._batch)
-                self._refilled = now
-            txid, voters, _ = self._ready.popleft()
-            return txid, voters
+            while True:
+                if not self._ready:
+                    if not expired and now - self._refilled < self.ahead_max_age / 2:
+                        self._batch = min(self.ahead, self._batch * 2)
+                    self._register_ahead(self._batch)
+                    self._refilled = now
+                txid, voters, _, key = self._ready.popleft()
+                if self.beacon.hand_out(txid, key):
+                    return txid, voters
+                # Registered under a liveness key retired since (see release):
+                # recovery would take its coordinator for gone.
+                self._unused.append(txid)
+
+    def release(self, txid: str, *, settled: bool) -> None:
+        """The coordinator is done with ``txid`` (call once, however it ended).
+        ``settled``: commit was chosen, or nothing of it can be left prepared;
+        False hands it over to recovery (see :mod:`txmgr.paxos._beacon`)."""
+        self.beacon.release(txid, settled=settled)
 
     def _register_ahead(self, count: int) -> None:
         txids = [new_txid() for _ in range(count)]
+        key = self.beacon.key()
         sent = time.monotonic()
         # Wait for the acceptors beyond the quorum: every voter more is one
         # more log database these transactions survive losing.
-        results = run_round(self, register_many_query(txids),
+        results = run_round(self, register_many_query(txids, key),
                             enough=registered_by_quorum(self, txids[0]),
                             linger=max(self.linger, self.ahead_linger))
         for txid in txids:
@@ -343,7 +370,7 @@ class PaxosLog:
             if voters is None:
                 self._unused.append(txid)
             else:
-                self._ready.append((txid, voters, sent))
+                self._ready.append((txid, voters, sent, key))
         if not self._ready:
             answered = sum(1 for _, r in results if isinstance(r, Answer))
             raise registration_failed(self, results, answered=answered, what="",
@@ -358,7 +385,7 @@ class PaxosLog:
         """:meth:`begin` in pieces, for a coordinator that sends the registration in
         the same round trip as its votes (see :class:`Registration`)."""
         self._check_open()
-        return Registration(self, txid)
+        return Registration(self, txid, self.beacon.key())
 
     def propose_commit(
         self, txid: str, voters: Voters, participants: Iterable[str], *,
@@ -445,7 +472,8 @@ class PaxosLog:
                 out.append(AcceptorStatus(mask(acc.dsn), acc.incarnation, r))
             else:
                 found = {t: rep.slot for t, rep in r.replies.items() if rep.slot is not None}
-                out.append(AcceptorStatus(mask(acc.dsn), r.incarnation, None, found, r.ages))
+                out.append(AcceptorStatus(mask(acc.dsn), r.incarnation, None, found, r.ages,
+                                          r.alive))
         return out
 
     def _check_open(self) -> None:
@@ -458,7 +486,7 @@ class PaxosLog:
         if self._closed:
             return
         with self._ahead_lock:
-            leftover = [*self._unused, *(t for t, _, _ in self._ready)]
+            leftover = [*self._unused, *(t for t, _, _, _ in self._ready)]
             self._unused, self._ready = [], deque()
         with self._owed_lock:  # finished: deleted wherever they are left
             owed = sorted({t for ts in self._owed for t in ts})
@@ -472,6 +500,7 @@ class PaxosLog:
                     logger.warning("could not delete %d %s: %s", len(txids), what,
                                    redact(str(e)))
         self._closed = True
+        self.beacon.close()
         self.collector.close()
         for link in self.links:
             link.close()

@@ -211,10 +211,11 @@ class Registration:
     >>> voters = reg.finish(unanswered)   # LogQuorumUnavailable: abort, nothing prepared
     """
 
-    def __init__(self, log: Links, txid: str) -> None:
+    def __init__(self, log: Links, txid: str, key: int) -> None:
         self._log = log
         self.txid = txid
-        self._round = Round(log, register_query(txid), registered_by_quorum(log, txid))
+        self.key = key  # the coordinator's liveness key (txmgr.paxos._beacon)
+        self._round = Round(log, register_query(txid, key), registered_by_quorum(log, txid))
         self.jobs = self._round.jobs
 
     def enough(self, finished: Sequence[Job]) -> bool:

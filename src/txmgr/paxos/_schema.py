@@ -1,15 +1,18 @@
-"""The acceptor's tables (schema revision 0003) and the check that they are there.
+"""The acceptor's tables (schema revisions 0003 and 0004) and the check that they are there.
 
 Revision 0003 of txmgr's migrations creates them
-(``txmgr/migrations/versions/0003_paxos_acceptor.py``); the DDL lives here,
-frozen, so that the migration and the tests create the same thing.
+(``txmgr/migrations/versions/0003_paxos_acceptor.py``), revision 0004 adds
+each slot's ``coordinator`` (:data:`UPGRADE_0004`); the DDL lives here,
+frozen, so that the migrations and the tests create the same thing.
 
 - ``txmgr_paxos_acceptor``: one row, the acceptor's *incarnation* — a random
   id created with the tables. A database wiped and migrated again gets a new
   one, and so takes part only in transactions registered after that (see the
   safety argument in :mod:`txmgr.paxos._core`).
 - ``txmgr_paxos``: one slot per transaction, created by registration, deleted
-  once the transaction is finished.
+  once the transaction is finished. ``coordinator`` (0004): the key of the
+  advisory lock its coordinator's process holds on this database while it
+  lives (:mod:`txmgr.paxos._beacon`); NULL for slots registered before 0004.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import psycopg
 from txmgr._dsn import mask
 from txmgr.errors import LogSchemaError
 
-__all__ = ["ACCEPTOR_REVISION", "DOWNGRADE", "UPGRADE", "install", "read_incarnation"]
+__all__ = ["ACCEPTOR_REVISION", "DOWNGRADE", "DOWNGRADE_0004", "UPGRADE", "UPGRADE_0004",
+           "install", "read_incarnation"]
 
-ACCEPTOR_REVISION = "0003"
+#: The revision a Paxos log database needs (the statements name ``coordinator``).
+ACCEPTOR_REVISION = "0004"
 
 UPGRADE: tuple[str, ...] = (
     """
@@ -53,6 +58,15 @@ UPGRADE: tuple[str, ...] = (
     """,
 )
 
+UPGRADE_0004: tuple[str, ...] = (
+    # Adding a nullable column without a default rewrites nothing.
+    "ALTER TABLE txmgr_paxos ADD COLUMN coordinator bigint",
+)
+
+DOWNGRADE_0004: tuple[str, ...] = (
+    "ALTER TABLE txmgr_paxos DROP COLUMN coordinator",
+)
+
 DOWNGRADE: tuple[str, ...] = (
     "DROP TABLE txmgr_paxos",
     "DROP TABLE txmgr_paxos_acceptor",
@@ -66,7 +80,7 @@ def install(dsn: str) -> None:
     (which also creates the default mode's tables).
     """
     with psycopg.connect(dsn) as conn:
-        for statement in UPGRADE:
+        for statement in (*UPGRADE, *UPGRADE_0004):
             conn.execute(statement)
 
 
@@ -75,7 +89,8 @@ def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
     try:
         row = conn.execute(
             "SELECT (SELECT incarnation FROM txmgr_paxos_acceptor), "
-            "to_regclass('txmgr_paxos') IS NOT NULL"
+            "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('txmgr_paxos') "
+            "AND attname = 'coordinator' AND NOT attisdropped)"
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         if not conn.autocommit:
@@ -85,7 +100,7 @@ def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
         conn.rollback()
     if row is None or row[0] is None or not row[1]:
         raise LogSchemaError(
-            f"the Paxos log database at {mask(dsn)} has no acceptor tables (schema revision "
-            f"{ACCEPTOR_REVISION}): run `txmgr migrate --config FILE` against it"
+            f"the Paxos log database at {mask(dsn)} has no acceptor tables at schema revision "
+            f"{ACCEPTOR_REVISION}: run `txmgr migrate --config FILE` against it"
         )
     return str(row[0])

@@ -12,7 +12,10 @@ a coordinator per transaction that registers, prepares (a PREPARE may fail, or
 its reply may be lost while it still lands later), proposes commit at ballot 0
 and applies the outcome; 1-3 recovery processes that list prepared branches,
 learn or decide outcomes (preempting after a random grace, 0 included), apply
-them and clean up slots; all of it interleaved at random with message loss,
+them and clean up slots — some configured with only two of the three
+participants (another application sharing the log: it lists and finishes
+only the branches it knows, and must keep the slots of a commit naming one
+it does not); all of it interleaved at random with message loss,
 duplicated messages, late delivery, acceptor crashes (losing registrations
 not yet flushed), restarts and wipes (new incarnation, no slots), and
 coordinators killed between any two steps. Proposer ids sometimes collide on
@@ -50,6 +53,7 @@ from txmgr.paxos._core import (
     Steps,
     Value,
     Voters,
+    names_known,
     plan_cleanup,
     quorum_of,
     registered_voters,
@@ -63,6 +67,9 @@ class SimulationFailed(AssertionError):
 
 
 # -- the world ---------------------------------------------------------------------------
+
+#: Every participant of the simulated world.
+NAMES = ("p0", "p1", "p2")
 
 BranchState = Literal["active", "prepared", "failed", "committed", "rolled back"]
 
@@ -163,7 +170,7 @@ class Apply:
 
 @dataclass(frozen=True)
 class ListPrepared:
-    pass
+    names: tuple[str, ...] = NAMES  # the participants this process is configured with
 
 
 @dataclass(frozen=True)
@@ -210,8 +217,9 @@ class Stats:
 class Simulation:
     """One schedule, fixed by its seed; :meth:`run` plays it.
 
-    Subclasses replace ``rules_class``, ``proposer_class`` or :meth:`voters_for`
-    to break the protocol on purpose (the tests check that it is noticed).
+    Subclasses replace ``rules_class``, ``proposer_class``, :meth:`voters_for` or
+    :meth:`known_for_cleanup` to break the protocol on purpose (the tests check
+    that it is noticed).
     """
 
     rules_class: type[AcceptorRules] = AcceptorRules
@@ -250,7 +258,7 @@ class Simulation:
         self.wipes = 0
         self.chaos_steps = rng.randint(100, 400)
         self.stats = Stats(schedules=1)
-        names = ["p0", "p1", "p2"]
+        names = list(NAMES)
         pids = [rng.randrange(4) for _ in range(4)]  # small range: ids collide on purpose
         for t in range(rng.randint(1, 3)):
             txid = f"{t:016x}"
@@ -260,8 +268,11 @@ class Simulation:
                         self._coordinator(self.txns[txid], self.proposer_class(pids[t])))
         for r in range(rng.randint(1, 3)):
             pid = rng.choice([*pids, rng.randrange(2**32)])
+            # Sometimes another application's recovery: it knows two participants.
+            knows = NAMES if rng.random() < 0.6 else tuple(sorted(rng.sample(NAMES, 2)))
             self._spawn("recovery", f"recovery-{r}", self._recovery(
-                self.proposer_class(pid), grace=self.grace, idle_grace=self.idle_grace))
+                self.proposer_class(pid), grace=self.grace, idle_grace=self.idle_grace,
+                knows=knows))
         # Often one actor's messages crawl (a slow link): its statements land late.
         # A slow coordinator is the interesting case: recovery preempts it.
         coordinators = [a.ident for a in self.actors if a.kind == "coordinator"]
@@ -293,6 +304,12 @@ class Simulation:
         """The voters a recovery process reads from a branch's gid."""
         assert txn.voters is not None
         return txn.voters
+
+    def known_for_cleanup(self, knows: tuple[str, ...]) -> tuple[str, ...]:
+        """The participants whose branches a recovery process configured with
+        ``knows`` may count as finished when it deletes slots: its own (the
+        cleanup rule, :func:`~txmgr.paxos._core.names_known`)."""
+        return knows
 
     # -- acceptors -----------------------------------------------------------------------
 
@@ -379,10 +396,10 @@ class Simulation:
     def _commit_chosen(txn: Txn) -> bool:
         return any(v.kind == "commit" for v in txn.chosen)
 
-    def _listing(self) -> dict[str, list[str]]:
+    def _listing(self, only: tuple[str, ...] = NAMES) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for txid, txn in self.txns.items():
-            names = [n for n, b in txn.branches.items() if b.state == "prepared"]
+            names = [n for n, b in txn.branches.items() if b.state == "prepared" and n in only]
             if names:
                 out[txid] = names
         return out
@@ -440,10 +457,12 @@ class Simulation:
 
     # -- recovery ----------------------------------------------------------------------------
 
-    def _recovery(self, proposer: Proposer, *, grace: int, idle_grace: int) -> ActorGen:
+    def _recovery(self, proposer: Proposer, *, grace: int, idle_grace: int,
+                  knows: tuple[str, ...] = NAMES) -> ActorGen:
+        known = self.known_for_cleanup(knows)
         while True:
             progress = False
-            listing = yield ListPrepared()
+            listing = yield ListPrepared(knows)
             for txid in self.rng.sample(sorted(listing), len(listing)):
                 txn = self.txns[txid]
                 preempt = txn.prepared_at is not None and self.now - txn.prepared_at >= grace
@@ -456,17 +475,18 @@ class Simulation:
                     self.stats.preemptions += 1
                 for name in listing[txid]:
                     yield Apply(txid, name, outcome.commits)
-                after = yield ListPrepared()
-                if txid not in after and (self.eager_forget or self.healing):
+                after = yield ListPrepared(knows)
+                if txid not in after and (self.eager_forget or self.healing) and \
+                        names_known(outcome.value, known):
                     yield Broadcast(("forget", [txid], False, 0))
             # Cleanup: read every slot, then list the branches, then plan.
             raw = yield Broadcast(("scan",))
-            listing = yield ListPrepared()
+            listing = yield ListPrepared(knows)
             found: dict[str, list[tuple[Slot, float]]] = {}
             for slots in raw.values():
                 for txid, (slot, age) in slots.items():
                     found.setdefault(txid, []).append((slot, float(age)))
-            plan = plan_cleanup(found, listing, ["p0", "p1", "p2"], grace=idle_grace)
+            plan = plan_cleanup(found, listing, known, grace=idle_grace)
             if plan.finished:
                 yield Broadcast(("forget", sorted(plan.finished), False, 0))
             if plan.idle:
@@ -506,7 +526,7 @@ class Simulation:
             actor.pending_value = self._apply(action.txid, action.branch, action.commit)
             actor.state = "ready"
         elif isinstance(action, ListPrepared):
-            actor.pending_value = self._listing()
+            actor.pending_value = self._listing(action.names)
             actor.state = "ready"
         elif isinstance(action, Pause):
             actor.pending_value = None

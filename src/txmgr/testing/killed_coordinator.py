@@ -16,7 +16,8 @@ participant name, or ``{"paxos": [DSN, …]}`` for a Paxos log), ``statements``
 - ``before_decision``: every branch prepared, decision not committed;
 - ``after_decision``: decision committed, no branch committed;
 - ``after_commit_prepared``: after exactly one branch is committed (the kill
-  falls between COMMIT PREPAREDs).
+  falls between COMMIT PREPAREDs); ``commits`` (default 1) lets that many
+  branches commit first.
 
 Instead of ``kill_at``, ``failpoint`` names a point of :mod:`txmgr.failpoints`
 where the process ends with ``os._exit`` (exit status
@@ -75,17 +76,19 @@ class KillingHooks(TxidPrinter):
 
     ``participants`` (name -> DSN) lets ``after_commit_prepared`` land exactly
     between two COMMIT PREPAREDs: the coordinator sends them all at once, so
-    the hook lets the first one go, then, before the second is sent, waits
-    until the first branch is committed on its server and dies.
+    the hook lets the first ``commits`` go, then, before the next one is sent,
+    waits until those branches are committed on their servers and dies.
     """
 
-    def __init__(self, point: str, participants: dict[str, str] | None = None) -> None:
+    def __init__(self, point: str, participants: dict[str, str] | None = None, *,
+                 commits: int = 1) -> None:
         if point not in KILL_POINTS:
             raise ValueError(f"kill_at must be one of {KILL_POINTS}, not {point!r}")
         super().__init__()
         self.point = point
         self.participants = participants or {}
-        self._first: tuple[str, str] | None = None  # (participant, gid) let through
+        self.commits = commits
+        self._through: list[tuple[str, str]] = []  # (participant, gid) let through
 
     def after_vote(self, txid: str, writers: list[str]) -> None:
         super().after_vote(txid, writers)
@@ -107,15 +110,15 @@ class KillingHooks(TxidPrinter):
     def before_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
         if self.point != "after_commit_prepared":
             return
-        if self._first is None:
-            self._first = (participant, gid)
+        if len(self._through) < self.commits:
+            self._through.append((participant, gid))
             return
-        name, first_gid = self._first
-        _wait_until_gone(self.participants[name], first_gid)
+        for name, through in self._through:
+            _wait_until_gone(self.participants[name], through)
         _die()
 
     def after_commit_prepared(self, txid: str, participant: str, gid: str) -> None:
-        if self.point == "after_commit_prepared":
+        if self.point == "after_commit_prepared" and len(self._through) >= self.commits:
             _die()
 
 
@@ -143,7 +146,8 @@ def run(spec: dict[str, Any]) -> None:
         failpoints.enable(spec["failpoint"], "crash")
         hooks = TxidPrinter()
     else:
-        hooks = KillingHooks(spec["kill_at"], spec["participants"])
+        hooks = KillingHooks(spec["kill_at"], spec["participants"],
+                             commits=int(spec.get("commits", 1)))
     log = spec["log"]
     if isinstance(log, dict):
         log = PaxosLog(log["paxos"])

@@ -50,6 +50,7 @@ from txmgr.errors import (
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
 from txmgr.paxos import PaxosLog
+from txmgr._retry import arun_transaction, run_transaction
 from txmgr.recovery import Recoverer, RecoveryReport, Resolution, recover
 from txmgr.transaction import Transaction, TransactionState
 
@@ -87,6 +88,8 @@ __all__ = [
     "TxmgrError",
     "UnknownParticipant",
     "UnsupportedServer",
+    "arun_transaction",
     "migrate",
     "recover",
+    "run_transaction",
 ]

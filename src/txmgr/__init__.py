@@ -21,15 +21,19 @@ With asyncio, ``AsyncTransactionManager`` takes the same arguments::
             await (await tx.connection("orders")).execute("INSERT …")
 """
 
+from txmgr._adopt import adopt_log
 from txmgr._aio_manager import AsyncTransactionManager
 from txmgr._aio_transaction import AsyncTransaction
 from txmgr._migrate import migrate
+from txmgr._retry import arun_transaction, run_transaction
 from txmgr.config import Config
 from txmgr.errors import (
     AmbiguousBranch,
     BranchNotFound,
     ConfigError,
     InvalidParticipantName,
+    LogCopied,
+    LogIdentityError,
     LogQuorumUnavailable,
     LogSchemaError,
     ManualTransactionControl,
@@ -50,7 +54,6 @@ from txmgr.errors import (
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
 from txmgr.paxos import PaxosLog
-from txmgr._retry import arun_transaction, run_transaction
 from txmgr.recovery import Recoverer, RecoveryReport, Resolution, recover
 from txmgr.transaction import Transaction, TransactionState
 
@@ -65,6 +68,8 @@ __all__ = [
     "ConfigError",
     "Hooks",
     "InvalidParticipantName",
+    "LogCopied",
+    "LogIdentityError",
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
@@ -88,6 +93,7 @@ __all__ = [
     "TxmgrError",
     "UnknownParticipant",
     "UnsupportedServer",
+    "adopt_log",
     "arun_transaction",
     "migrate",
     "recover",

@@ -15,6 +15,8 @@ The tree::
     │   ├── ParticipantReadOnly      a hot standby, or read-only sessions by default
     │   └── UnsupportedServer        PostgreSQL older than 13
     ├── LogSchemaError               decision log schema missing or out of date
+    ├── LogIdentityError             the log database's identity does not fit
+    │   └── LogCopied                a copy (dump, TEMPLATE clone) of another log database
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
     ├── TransactionStateError        the API was used in the wrong order
     │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
@@ -38,6 +40,8 @@ __all__ = [
     "BranchNotFound",
     "ConfigError",
     "InvalidParticipantName",
+    "LogCopied",
+    "LogIdentityError",
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
@@ -153,6 +157,23 @@ class UnsupportedServer(ParticipantError):
 
 class LogSchemaError(TxmgrError):
     """The decision log tables are missing or at another schema revision."""
+
+
+class LogIdentityError(TxmgrError):
+    """The log database's identity (its log id bound to a cluster and a database)
+    does not allow what was asked (see :mod:`txmgr._identity`)."""
+
+
+class LogCopied(LogIdentityError):
+    """The log database is a copy of another one (a restored dump, a
+    ``CREATE DATABASE … TEMPLATE`` clone, a re-initialized or upgraded cluster):
+    it carries the original's log id, so its recovery would take the original's
+    transactions as its own. Nothing reads or writes decisions there until it is
+    adopted (``txmgr migrate --adopt``). ``logid``: the id it carries."""
+
+    def __init__(self, message: str, *, logid: str) -> None:
+        super().__init__(message)
+        self.logid = logid
 
 
 class LogQuorumUnavailable(TxmgrError):

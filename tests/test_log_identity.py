@@ -198,3 +198,38 @@ def test_migration_binds_an_existing_log_to_its_database(make_database: MakeData
                        "FROM txmgr_log_meta m, pg_control_system() c")
     assert ident == [(True, True)]
     assert read(dsn) == logid
+
+
+# -- Paxos mode: each acceptor database is bound the same way ----------------------
+
+
+def test_a_copied_paxos_log_database_is_refused(
+    make_bank: MakeBank, make_database: MakeDatabase, pg_servers: list[Server]
+) -> None:
+    """A copy of an acceptor carries its incarnation and its promises: listed in
+    place of another log database, it is refused at the check and its answers
+    are never counted (it is as if down); adopted, it is a new incarnation."""
+    bank = make_bank(("a", "b"))
+    originals = [make_database(pg_servers[0]) for _ in range(2)]
+    for dsn in originals:
+        txmgr.migrate(dsn)
+    copy = clone_by_template(originals[1], make_database, pg_servers[0])
+    with txmgr.PaxosLog([originals[0], copy, originals[1]], connect_timeout=5) as log:
+        with pytest.raises(txmgr.LogCopied, match="incarnation"):
+            log.check()
+    # Without the copy's original listed: the coordinator refuses before any work,
+    # and a round (here: reading the slots) never counts the copy's answer.
+    third = make_database(pg_servers[0])
+    txmgr.migrate(third)
+    with txmgr.TransactionManager(bank.dsns, log=txmgr.PaxosLog(
+            [originals[0], copy, third], connect_timeout=2)) as tm:
+        with pytest.raises(txmgr.LogCopied):
+            tm.transaction()
+    with txmgr.PaxosLog([originals[0], copy, third], connect_timeout=2) as log:
+        states = log.slots()
+        assert states[1].error is not None and "copy" in states[1].error
+        assert states[0].error is None and states[2].error is None
+    old, new = txmgr.adopt_log(copy)
+    assert new != old
+    with txmgr.PaxosLog([originals[0], copy, third], connect_timeout=5) as log:
+        assert len(log.check()) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from txmgr._adopt import adopt_log
+from txmgr._adopt import adopt_log, is_copy
 from txmgr._dsn import mask
 from txmgr._migrate import migrate
 from txmgr.cli._common import config_option, load_config
@@ -37,8 +37,6 @@ def migrate_cmd(config_path: str | None, revision: str, adopt: bool, keep_logid:
     if keep_logid and not adopt:
         raise click.UsageError("--keep-logid goes with --adopt")
     paxos = config.paxos_log
-    if adopt and paxos is not None:
-        raise click.UsageError("--adopt is for the default mode's decision log only")
     if paxos is not None:  # Paxos mode: every log database, one after the other
         targets = [(dsn, "log") for dsn in paxos.dsns]
     else:
@@ -52,7 +50,9 @@ def migrate_cmd(config_path: str | None, revision: str, adopt: bool, keep_logid:
             click.echo(
                 f"decision log at {where} migrated from {before or 'empty'} to {after or 'empty'}"
             )
-        if adopt:
+        if adopt and paxos is not None and not is_copy(dsn):
+            click.echo(f"log database at {where} is not a copy: nothing to adopt")
+        elif adopt:
             old, new = adopt_log(dsn, keep_logid=keep_logid)
             click.echo(f"decision log at {where} adopted: log id {old} -> {new}, bound to "
                        "this database")

@@ -38,7 +38,9 @@ import psycopg_pool
 
 from txmgr._dsn import mask, session_options
 from txmgr._multiplex import Job, _collect, _events
+from txmgr.errors import LogCopied
 from txmgr.participant import connect, network_defaults
+from txmgr.paxos._schema import check_acceptor
 
 __all__ = ["PROBE_EVERY", "SUSPECT_AFTER", "AcceptorLink", "Collector"]
 
@@ -57,7 +59,7 @@ class AcceptorLink:
 
     __slots__ = ("_closed", "_errors", "_lock", "_origin", "_pool", "_prober", "connect_timeout",
                  "dsn", "healthy", "incarnation", "last_error", "max_size", "min_size", "pools",
-                 "probes", "rest", "rest_until")
+                 "probes", "refused", "rest", "rest_until")
 
     def __init__(self, dsn: str, *, connect_timeout: float, min_size: int, max_size: int) -> None:
         self.dsn = dsn
@@ -72,6 +74,7 @@ class AcceptorLink:
         self.rest = 0.0  # current backoff
         self.rest_until = 0.0  # monotonic time before which rounds skip it
         self.last_error = ""
+        self.refused: str | None = None  # why its last new connection was refused (a copy)
         self.pools = 0  # pools opened so far (a probe that connects opens a fresh one)
         self.probes = 0  # connection attempts of the probe so far
         self._prober: threading.Thread | None = None
@@ -115,11 +118,23 @@ class AcceptorLink:
                         }),
                     },
                     name="txmgr-paxos",
+                    configure=self._configure,
                     open=False,
                 )
                 self._pool.open(wait=False)
                 self.pools += 1
             return self._pool
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        # A copy of another log database carries that acceptor's incarnation and
+        # promises: its answers must never count. Refusing its connections makes
+        # it an acceptor that is down (always safe), with the reason kept.
+        try:
+            check_acceptor(conn, self.dsn)
+        except LogCopied as e:
+            self.refused = str(e)
+            raise
+        self.refused = None
 
     def resting(self, now: float) -> bool:
         return self.rest_until > now
@@ -162,6 +177,8 @@ class AcceptorLink:
 
     def failed(self, why: str, *, unreachable: bool = False) -> None:
         """It failed (``unreachable``: no connection could be made): it rests."""
+        if self.refused is not None:
+            why = self.refused  # the real reason no connection could be had
         with self._lock:
             self.healthy = False
             self.rest = min(REST_MAX, max(REST_MIN, self.rest * 2))
@@ -184,7 +201,9 @@ class AcceptorLink:
             started = time.monotonic()
             self.probes += 1
             try:
-                connect(self.dsn, "log", connect_timeout=self.connect_timeout).close()
+                with connect(self.dsn, "log", connect_timeout=self.connect_timeout,
+                             autocommit=True) as conn:
+                    check_acceptor(conn, self.dsn)  # a copy stays refused
             except Exception:  # still unreachable (the rounds report why)
                 time.sleep(max(0.0, PROBE_EVERY - (time.monotonic() - started)))
                 continue

@@ -23,6 +23,7 @@ import txmgr
 from support import START, Bank, MakeBank, query, transfer
 from txmgr import log as decision_log
 from txmgr.testing import PgServer, Server
+from txmgr.testing import _runas as runas
 from txmgr.testing.pytest_plugin import MakeDatabase
 
 
@@ -233,3 +234,35 @@ def test_a_copied_paxos_log_database_is_refused(
     assert new != old
     with txmgr.PaxosLog([originals[0], copy, third], connect_timeout=5) as log:
         assert len(log.check()) == 3
+
+
+# -- 64-bit xids in the lock check -------------------------------------------------
+
+
+def test_an_xid_of_another_epoch_with_the_same_low_bits_is_not_in_progress() -> None:
+    """The decision's xid is compared with pg_locks' 32-bit xids. On a server whose
+    xid epoch is 5 (set with pg_resetwal), a transaction holds xid X; the xid with
+    X's low 32 bits in epoch 4 is another transaction and must not read as in
+    progress. (It never did: pg_xact_status calls it too old, so the lock check,
+    now a 64-bit comparison, is not reached; this test pins that down.)"""
+    with PgServer() as server:
+        server.stop()
+        user = runas.server_user()
+        bin_dir = runas.reachable_bin_dir(pathlib.Path(subprocess.run(
+            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+        ).stdout.strip()), user)
+        done = runas.run([bin_dir / "pg_resetwal", "-e", "5", server.data_dir], user,
+                         cwd=server.data_dir)
+        assert done.returncode == 0, done.stderr
+        server.restart()
+        dsn = server.dsn()
+        with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as conn:
+            row = holder.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            assert row is not None
+            x = int(row[0])
+            assert x >> 32 == 5
+            same_low_bits = x - 2**32
+            statuses = decision_log.xact_status(conn, [x, same_low_bits])
+            assert statuses == {x: "in progress", same_low_bits: None}
+            holder.rollback()
+            assert decision_log.xact_status(conn, [x]) == {x: "aborted"}

@@ -21,9 +21,11 @@ With asyncio, ``AsyncTransactionManager`` takes the same arguments::
             await (await tx.connection("orders")).execute("INSERT …")
 """
 
+from txmgr._adopt import adopt_log
 from txmgr._aio_manager import AsyncTransactionManager
 from txmgr._aio_transaction import AsyncTransaction
 from txmgr._migrate import migrate
+from txmgr._retry import arun_transaction, run_transaction
 from txmgr.config import Config
 from txmgr.errors import (
     AmbiguousBranch,
@@ -31,6 +33,8 @@ from txmgr.errors import (
     ConfigError,
     HeuristicMixed,
     InvalidParticipantName,
+    LogCopied,
+    LogIdentityError,
     LogQuorumUnavailable,
     LogSchemaError,
     ManualTransactionControl,
@@ -68,6 +72,8 @@ __all__ = [
     "HeuristicMixed",
     "Hooks",
     "InvalidParticipantName",
+    "LogCopied",
+    "LogIdentityError",
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
@@ -93,6 +99,9 @@ __all__ = [
     "UnknownParticipant",
     "UnsupportedPoolMode",
     "UnsupportedServer",
+    "adopt_log",
+    "arun_transaction",
     "migrate",
     "recover",
+    "run_transaction",
 ]

@@ -18,6 +18,8 @@ The tree::
     │   ├── UnsupportedServer        PostgreSQL older than 13
     │   └── UnsupportedPoolMode      a pooler that cannot keep a transaction on one server
     ├── LogSchemaError               decision log schema missing or out of date
+    ├── LogIdentityError             the log database's identity does not fit
+    │   └── LogCopied                a copy (dump, TEMPLATE clone) of another log database
     ├── LogQuorumUnavailable         fewer than a majority of the Paxos log databases answered
     ├── TransactionStateError        the API was used in the wrong order
     │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
@@ -33,12 +35,18 @@ The tree::
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
+    "RETRYABLE_SQLSTATES",
+    "TIMEOUT_SQLSTATES",
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",
     "HeuristicMixed",
     "InvalidParticipantName",
+    "LogCopied",
+    "LogIdentityError",
     "LogQuorumUnavailable",
     "LogSchemaError",
     "ManualTransactionControl",
@@ -57,11 +65,64 @@ __all__ = [
     "UnknownParticipant",
     "UnsupportedPoolMode",
     "UnsupportedServer",
+    "is_timeout",
 ]
+
+#: SQLSTATEs after which rerunning the whole transaction may succeed: the
+#: server chose this transaction as a victim (serialization_failure,
+#: deadlock_detected); nothing it did was kept.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+#: A statement or lock wait was cut short (query_canceled: statement_timeout or
+#: a cancel; lock_not_available: lock_timeout). Retried only when asked: a
+#: timeout may mean overload, where retrying adds load.
+TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error`` and what caused it (``__cause__``, else an unsuppressed
+    ``__context__``), first to last; a cycle is walked once."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return chain
+
+
+def _sqlstates(error: BaseException) -> set[str]:
+    # psycopg errors carry .sqlstate; read it without importing psycopg here.
+    return {s for e in _causes(error) if isinstance(s := getattr(e, "sqlstate", None), str)}
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a timeout: a TxmgrError that says so (``timeout``), or
+    one caused by a server-side statement or lock timeout (:data:`TIMEOUT_SQLSTATES`)."""
+    if isinstance(error, TxmgrError) and type(error).timeout:
+        return True
+    if isinstance(error, OutcomeUnknown):
+        return False
+    return bool(_sqlstates(error) & TIMEOUT_SQLSTATES)
 
 
 class TxmgrError(Exception):
-    """Base class of every error txmgr raises on purpose."""
+    """Base class of every error txmgr raises on purpose.
+
+    ``retryable``: whether running the whole transaction again may succeed
+    (:func:`txmgr.run_transaction` reruns exactly these). Only an aborted
+    transaction can be: everything else needs a fix first, and an
+    OutcomeUnknown may have committed. A subclass sets ``retryable_class``
+    (e.g. a deadlock victim) or ``timeout`` (retried only when asked).
+    """
+
+    #: Every error of this class is retryable (overrides the SQLSTATE rule).
+    retryable_class: ClassVar[bool] = False
+    #: Every error of this class is a timeout (see :func:`is_timeout`).
+    timeout: ClassVar[bool] = False
+
+    @property
+    def retryable(self) -> bool:
+        """Whether running the whole transaction again may succeed."""
+        return type(self).retryable_class
 
 
 class ConfigError(TxmgrError):
@@ -127,6 +188,23 @@ class LogSchemaError(TxmgrError):
     """The decision log tables are missing or at another schema revision."""
 
 
+class LogIdentityError(TxmgrError):
+    """The log database's identity (its log id bound to a cluster and a database)
+    does not allow what was asked (see :mod:`txmgr._identity`)."""
+
+
+class LogCopied(LogIdentityError):
+    """The log database is a copy of another one (a restored dump, a
+    ``CREATE DATABASE … TEMPLATE`` clone, a re-initialized or upgraded cluster):
+    it carries the original's log id, so its recovery would take the original's
+    transactions as its own. Nothing reads or writes decisions there until it is
+    adopted (``txmgr migrate --adopt``). ``logid``: the id it carries."""
+
+    def __init__(self, message: str, *, logid: str) -> None:
+        super().__init__(message)
+        self.logid = logid
+
+
 class LogQuorumUnavailable(TxmgrError):
     """Fewer than a majority of the Paxos log databases answered.
 
@@ -177,13 +255,19 @@ class TransactionAborted(TxmgrError):
         super().__init__(message)
         self.txid = txid
 
+    @property
+    def retryable(self) -> bool:
+        """True when a branch was a server's serialization or deadlock victim
+        (SQLSTATE 40001 or 40P01 anywhere in ``__cause__``), or the class says so."""
+        return type(self).retryable_class or bool(_sqlstates(self) & RETRYABLE_SQLSTATES)
+
 
 class OutcomeUnknown(TxmgrError):
     """The decision could not be confirmed because the log database was unreachable.
 
     The transaction is either committed on every participant or on none, and
     recovery (``txmgr recover`` or the daemon) will finish it; look it up by
-    ``txid`` with ``txmgr status``.
+    ``txid`` with ``txmgr status``. Never retryable: it may have committed.
     """
 
     def __init__(self, message: str, *, txid: str | None = None) -> None:

@@ -38,8 +38,9 @@ import psycopg
 from psycopg import sql
 
 from txmgr._dsn import mask
+from txmgr._identity import LIVE_IDENTITY
 from txmgr._primary import IN_RECOVERY, require_primary
-from txmgr.errors import LogSchemaError
+from txmgr.errors import LogCopied, LogSchemaError
 
 __all__ = [
     "LOCK_TIMEOUT",
@@ -47,6 +48,7 @@ __all__ = [
     "SCHEMA_REVISION",
     "DecisionRow",
     "XactStatus",
+    "check_identity",
     "committed_txids",
     "decide_query",
     "decision_query",
@@ -62,7 +64,10 @@ __all__ = [
 #: The migrations' head (tests check it). Revisions 0003 and 0004 only concern
 #: the Paxos acceptor's tables, so the default mode works on a log at any
 #: revision from :data:`MIN_SCHEMA_REVISION` up to this one and never demands them.
-SCHEMA_REVISION = "0004"
+#: Revision 0005 binds the log id to its database; a log below it still works
+#: (without the copy check) so that txmgr can be upgraded before its logs are
+#: migrated (the other order stops older coordinators: "migrated by a newer txmgr").
+SCHEMA_REVISION = "0005"
 MIN_SCHEMA_REVISION = "0002"
 VERSION_TABLE = "txmgr_alembic_version"
 
@@ -84,15 +89,21 @@ class DecisionRow:
 
 def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
     """The log's id, after checking that its schema is at a revision from
-    :data:`MIN_SCHEMA_REVISION` to :data:`SCHEMA_REVISION`.
+    :data:`MIN_SCHEMA_REVISION` to :data:`SCHEMA_REVISION` and that the database
+    is the one the id was made in (not a copy).
 
-    Raises LogSchemaError naming the command to run when it is not.
+    Every reader of the log id calls this (coordinator, recovery on each pass,
+    status, resolve, the daemon's leadership), in one round trip. Raises
+    LogSchemaError naming the command to run when the schema does not fit,
+    LogCopied when the database is a copy.
     """
     fix = "run `txmgr migrate --config FILE` (or txmgr.migrate(dsn)) against it"
     try:
+        # to_jsonb: the binding's columns exist only from revision 0005 on.
         row = conn.execute(
-            "SELECT (SELECT logid FROM txmgr_log_meta), "
-            "(SELECT version_num FROM txmgr_alembic_version LIMIT 1), " + IN_RECOVERY
+            "SELECT (SELECT to_jsonb(m) FROM txmgr_log_meta m), "
+            "(SELECT version_num FROM txmgr_alembic_version LIMIT 1), "
+            + IN_RECOVERY + ", " + LIVE_IDENTITY
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         _reset(conn)
@@ -101,9 +112,10 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
         ) from None
     _reset(conn)
     assert row is not None
-    logid, revision, in_recovery = row
+    meta, revision, in_recovery, system_id, db_oid = row
     # Every pass of recovery, status, resolve and the daemon starts here.
     require_primary(in_recovery, "the decision log", "log", dsn)
+    logid = meta.get("logid") if isinstance(meta, dict) else None
     usable = isinstance(revision, str) and MIN_SCHEMA_REVISION <= revision <= SCHEMA_REVISION
     if not usable or logid is None:
         direction = "newer txmgr" if revision and revision > SCHEMA_REVISION else fix
@@ -112,7 +124,34 @@ def read_logid(conn: psycopg.Connection[Any], dsn: str) -> str:
             f"txmgr needs {MIN_SCHEMA_REVISION!r} to {SCHEMA_REVISION!r}: "
             + (f"it was migrated by a {direction}; upgrade txmgr" if direction != fix else fix)
         )
+    assert isinstance(meta, dict)
+    check_identity(meta, (int(system_id), int(db_oid)), what=f"decision log at {mask(dsn)}",
+                   ident=f"log {logid}", logid=str(logid))
     return str(logid)
+
+
+def check_identity(meta: dict[str, Any], live: tuple[int, int], *, what: str, ident: str,
+                   logid: str) -> None:
+    """Raise LogCopied when ``meta`` (a meta row as JSON) is bound to another
+    database than ``live`` (this one's system identifier and oid). A row without
+    a binding (schema below 0005) is not checked. The one rule for both log modes."""
+    bound = meta.get("system_identifier"), meta.get("database_oid")
+    if bound[0] is None or bound[1] is None:
+        return
+    if (int(bound[0]), int(bound[1])) == live:
+        return
+    raise LogCopied(
+        f"the {what} is a copy of {ident}: that id was made in database oid {bound[1]} of "
+        f"cluster {bound[0]}, this is database oid {live[1]} of cluster {live[0]} (a "
+        "restored dump, a CREATE DATABASE … TEMPLATE clone, or a re-initialized or "
+        "upgraded cluster). Its recovery would take the original's transactions as its "
+        "own, so nothing decides here. If it is a log of its own, run `txmgr migrate "
+        "--adopt --config FILE` (a new id; the copied decisions are dropped). If it "
+        "replaces the original for good (pg_upgrade, a move; the original is retired and "
+        "this copy holds every decision it made), run `txmgr migrate --adopt --keep-logid "
+        "--config FILE`",
+        logid=logid,
+    )
 
 
 #: What every ``L`` runs with, set inside ``L`` itself: the decision must survive
@@ -258,12 +297,23 @@ def _xact_status(conn: psycopg.Connection[Any], ids: list[int]) -> dict[int, Xac
     # On a standby (see txmgr._primary) an xid not replayed yet is "in the
     # future" or reads as not committed: the CASE skips pg_xact_status there, so
     # that the refusal, not an error or a wrong status, is the answer.
+    #
+    # pg_locks shows a 32-bit xid; it is widened to 64 bits against n, the
+    # next xid when the statement began (pg_snapshot_xmax: assigns no xid to
+    # this reader): the one value below n with those low bits. Exact for every
+    # x that pg_xact_status answers for: such an x is within 2^31 below n (older
+    # ones are past the commit-log horizon, which wraparound protection keeps
+    # within 2^31), as is every xid running before n; an xid assigned after n
+    # widens to below n - 2^31. So an x of another epoch never matches. (The
+    # low-bits comparison it replaces was exact for the same reasons.)
     rows = conn.execute(
         "SELECT x, CASE WHEN s = 'committed' AND EXISTS ("
         "  SELECT 1 FROM pg_locks l WHERE l.locktype = 'transactionid'"
-        "  AND l.transactionid::text = (x %% 4294967296)::text)"
+        "  AND n - ((n %% 4294967296 - l.transactionid::text::bigint + 4294967296)"
+        "           %% 4294967296) = x)"
         " THEN 'in progress' ELSE s END, r "
-        "FROM (SELECT x, r, CASE WHEN r THEN NULL ELSE pg_xact_status(x::text::xid8) END AS s"
+        "FROM (SELECT x, r, CASE WHEN r THEN NULL ELSE pg_xact_status(x::text::xid8) END AS s,"
+        "      pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS n"
         "      FROM unnest(%s::bigint[]) AS x, " + IN_RECOVERY + " AS r) AS q",
         (ids,),
     ).fetchall()

@@ -39,7 +39,9 @@ import psycopg_pool
 from txmgr._dsn import mask
 from txmgr._multiplex import Job, _collect, _events
 from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
+from txmgr.errors import LogCopied
 from txmgr.participant import connect, network_defaults
+from txmgr.paxos._schema import check_acceptor
 
 __all__ = ["PROBE_EVERY", "SUSPECT_AFTER", "AcceptorLink", "Collector"]
 
@@ -58,7 +60,7 @@ class AcceptorLink:
 
     __slots__ = ("_closed", "_errors", "_lock", "_origin", "_pool", "_prober", "connect_timeout",
                  "dsn", "healthy", "incarnation", "last_error", "max_size", "min_size", "pools",
-                 "prepare_threshold", "probes", "rest", "rest_until")
+                 "prepare_threshold", "probes", "refused", "rest", "rest_until")
 
     def __init__(self, dsn: str, *, connect_timeout: float, min_size: int, max_size: int,
                  prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD) -> None:
@@ -77,6 +79,7 @@ class AcceptorLink:
         self.rest = 0.0  # current backoff
         self.rest_until = 0.0  # monotonic time before which rounds skip it
         self.last_error = ""
+        self.refused: str | None = None  # why its last new connection was refused (a copy)
         self.pools = 0  # pools opened so far (a probe that connects opens a fresh one)
         self.probes = 0  # connection attempts of the probe so far
         self._prober: threading.Thread | None = None
@@ -119,6 +122,15 @@ class AcceptorLink:
         # (a statement-pooling one is refused: the pool counts a failed attempt).
         pooled = inspect(conn, "log")
         conn.prepare_threshold = prepare_threshold(self.prepare_threshold, pooled=pooled)
+        # A copy of another log database carries that acceptor's incarnation and
+        # promises: its answers must never count. Refusing its connections makes
+        # it an acceptor that is down (always safe), with the reason kept.
+        try:
+            check_acceptor(conn, self.dsn)
+        except LogCopied as e:
+            self.refused = str(e)
+            raise
+        self.refused = None
 
     def resting(self, now: float) -> bool:
         return self.rest_until > now
@@ -161,6 +173,8 @@ class AcceptorLink:
 
     def failed(self, why: str, *, unreachable: bool = False) -> None:
         """It failed (``unreachable``: no connection could be made): it rests."""
+        if self.refused is not None:
+            why = self.refused  # the real reason no connection could be had
         with self._lock:
             self.healthy = False
             self.rest = min(REST_MAX, max(REST_MIN, self.rest * 2))
@@ -183,7 +197,9 @@ class AcceptorLink:
             started = time.monotonic()
             self.probes += 1
             try:
-                connect(self.dsn, "log", connect_timeout=self.connect_timeout).close()
+                with connect(self.dsn, "log", connect_timeout=self.connect_timeout,
+                             autocommit=True) as conn:
+                    check_acceptor(conn, self.dsn)  # a copy stays refused
             except Exception:  # still unreachable (the rounds report why)
                 time.sleep(max(0.0, PROBE_EVERY - (time.monotonic() - started)))
                 continue

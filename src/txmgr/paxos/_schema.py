@@ -17,15 +17,18 @@ frozen, so that the migrations and the tests create the same thing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
 
 from txmgr._dsn import mask
+from txmgr._identity import LIVE_IDENTITY
 from txmgr.errors import LogSchemaError
+from txmgr.log import check_identity
 
 __all__ = ["ACCEPTOR_REVISION", "DOWNGRADE", "DOWNGRADE_0004", "UPGRADE", "UPGRADE_0004",
-           "install", "read_incarnation"]
+           "check_acceptor", "install", "read_incarnation"]
 
 #: The revision a Paxos log database needs (the statements name ``coordinator``).
 ACCEPTOR_REVISION = "0004"
@@ -85,12 +88,15 @@ def install(dsn: str) -> None:
 
 
 def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
-    """The acceptor's incarnation; LogSchemaError naming the fix when its tables are missing."""
+    """The acceptor's incarnation, after checking that the database is the one it
+    was made in (LogCopied otherwise, see :mod:`txmgr._identity`); LogSchemaError
+    naming the fix when its tables are missing."""
     try:
+        # to_jsonb: the binding's columns exist only from revision 0005 on.
         row = conn.execute(
-            "SELECT (SELECT incarnation FROM txmgr_paxos_acceptor), "
+            "SELECT (SELECT to_jsonb(a) FROM txmgr_paxos_acceptor a), "
             "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('txmgr_paxos') "
-            "AND attname = 'coordinator' AND NOT attisdropped)"
+            "AND attname = 'coordinator' AND NOT attisdropped), " + LIVE_IDENTITY
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         if not conn.autocommit:
@@ -98,9 +104,23 @@ def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
         row = None
     if not conn.autocommit:
         conn.rollback()
-    if row is None or row[0] is None or not row[1]:
+    meta = row[0] if row is not None else None
+    if not isinstance(meta, dict) or meta.get("incarnation") is None or not row or not row[1]:
         raise LogSchemaError(
             f"the Paxos log database at {mask(dsn)} has no acceptor tables at schema revision "
             f"{ACCEPTOR_REVISION}: run `txmgr migrate --config FILE` against it"
         )
-    return str(row[0])
+    incarnation = str(meta["incarnation"])
+    check_identity(meta, (int(row[2]), int(row[3])),
+                   what=f"Paxos log database at {mask(dsn)}",
+                   ident=f"the log database of acceptor incarnation {incarnation}",
+                   logid=incarnation)
+    return incarnation
+
+
+def check_acceptor(conn: psycopg.Connection[Any], dsn: str) -> None:
+    """Refuse a connection to a copied acceptor database (for the acceptor pools'
+    ``configure``: every new connection, so also one that a failover moved).
+    A database without the tables passes here; the rounds report that."""
+    with contextlib.suppress(LogSchemaError):
+        read_incarnation(conn, dsn)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import NoReturn, Protocol
@@ -39,15 +41,25 @@ from typing import NoReturn, Protocol
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from txmgr import failpoints
+from txmgr import _tag, failpoints
 from txmgr._branch import AnyBranchConnection
 from txmgr._decision import Decision
 from txmgr._gid import Gid, new_txid
 from txmgr._hints import FAILED_BRANCH_HINT, with_hint
 from txmgr._multiplex import Job, literal
-from txmgr._ops import Forget, Release, Run, Step, checkout, paxos_propose, paxos_register
+from txmgr._ops import (
+    Forget,
+    Release,
+    Run,
+    Step,
+    checkout,
+    paxos_propose,
+    paxos_register,
+    take_verdict,
+)
 from txmgr.config import Config
 from txmgr.errors import (
+    DeadlockDetected,
     LogSchemaError,
     ManualTransactionControl,
     OutcomeUnknown,
@@ -55,13 +67,14 @@ from txmgr.errors import (
     RoleChangeInBranch,
     TransactionAborted,
     TransactionStateError,
+    TransactionTimeout,
 )
 from txmgr.hooks import Hooks
 from txmgr.log import decision_settings
 from txmgr.paxos._core import Outcome, Voters
 from txmgr.paxos._log import paxos_gid
 
-__all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState"]
+__all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState", "step_limit"]
 
 logger = logging.getLogger("txmgr")
 
@@ -118,13 +131,75 @@ class TransactionCore:
     and drives the generators they return to the end.
     """
 
-    __slots__ = ("branches", "state", "tm", "txid")
+    __slots__ = ("branches", "deadline", "run_deadline", "state", "timeout", "tm", "txid")
 
-    def __init__(self, tm: Coordinator) -> None:
+    def __init__(self, tm: Coordinator, timeout: float | None = None) -> None:
         self.tm = tm
         self.txid = new_txid()
         self.branches: dict[str, Branch] = {}  # participant name -> its branch
         self.state = TransactionState.ACTIVE
+        if timeout is None:
+            timeout = tm.config.transaction_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        # The deadline (time.monotonic()) covers everything up to the decision.
+        # ``run_deadline`` is what the front ends bound each request by: the
+        # same until the commit point, None after it (step_timeout and recovery
+        # rule from there on).
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.run_deadline = self.deadline
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed (never, without one)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def timeout_error(self, what: str) -> TransactionTimeout:
+        assert self.timeout is not None
+        return TransactionTimeout(
+            f"transaction {self.txid} rolled back, nothing was committed: its deadline of "
+            f"{self.timeout:g}s passed {what}; give it more time with "
+            "tm.transaction(timeout=…) or [transaction] timeout, or find what it waited for "
+            "(`txmgr status` shows waits)",
+            txid=self.txid, timeout=self.timeout,
+        )
+
+    def _begin_query(self, conn: AnyBranchConnection) -> bytes:
+        """BEGIN, the marker the vote checks, the tag, and the deadline's server-side
+        limits, in one statement (one round trip)."""
+        query = (_BEGIN + literal(self.txid, conn) + b", true), current_user, "
+                 + _tag.begin_fragment(self.txid, conn))
+        if self.deadline is not None:
+            # Each statement, and each idle pause between statements, may take at
+            # most what is left; the front end cancels at the deadline itself
+            # (a server that does not answer enforces nothing).
+            left = str(max(1, math.ceil((self.deadline - time.monotonic()) * 1000)))
+            query += (b", set_config('statement_timeout', " + literal(left, conn)
+                      + b", true), set_config('idle_in_transaction_session_timeout', "
+                      + literal(left, conn) + b", true)")
+        return query
+
+    def explain(self, error: BaseException) -> Step[BaseException | None]:
+        """After a rollback caused by ``error`` (raised in the application's block):
+        the txmgr error it stands for, if any — the deadline passed, or the
+        deadlock detector cancelled this transaction's statement."""
+        if self.expired():
+            return self.timeout_error("while it was running")
+        if not isinstance(error, psycopg.errors.QueryCanceled):
+            return None
+        try:
+            verdict = yield from take_verdict(self.txid)
+        except Exception as e:  # the log cannot tell: the cancel stays what it was
+            logger.warning("txid=%s: could not ask the log why a statement was cancelled: %s",
+                           self.txid, e)
+            return None
+        if verdict is None:
+            return None  # cancelled by someone else (pg_cancel_backend by hand)
+        return DeadlockDetected(
+            f"transaction {self.txid} rolled back, nothing was committed: it was the "
+            f"victim of a deadlock across servers: {verdict.detail}; run it again",
+            txid=self.txid, others=verdict.others, relations=verdict.relations,
+        )
 
     def require(self, state: TransactionState, call: str) -> None:
         if self.state is not state:
@@ -144,7 +219,7 @@ class TransactionCore:
         for attempt in (1, 2):
             conn = yield from checkout(name)
             try:
-                job = Job(conn, _BEGIN + literal(self.txid, conn) + b", true), current_user")
+                job = Job(conn, self._begin_query(conn))
                 yield Run([job])
                 if job.error is not None:
                     raise job.error
@@ -152,7 +227,7 @@ class TransactionCore:
                 yield Release(name, conn)
                 if not isinstance(e, psycopg.OperationalError):
                     raise
-                if attempt == 2:
+                if attempt == 2 or self.expired():
                     raise ParticipantUnavailable(
                         f"participant {name!r} dropped the connection: {e}", participant=name
                     ) from e
@@ -162,6 +237,9 @@ class TransactionCore:
                 yield Release(name, conn)
                 return existing
             conn._txmgr_branch = name
+            conn._txmgr_deadline = (
+                None if self.deadline is None else (self.deadline, self.txid, self.timeout or 0.0)
+            )
             role = job.rows[-1][1] if job.rows else None
             branch = self.branches[name] = Branch(name, conn, role)
             return branch
@@ -196,6 +274,8 @@ class TransactionCore:
         branches = list(self.branches.values())
         for b in branches:
             b.conn._txmgr_branch = None  # txmgr drives the connections from now on
+        if self.expired():
+            yield from self._abort("before the commit began", None)
         yield from self._check_usable(branches)
         try:
             failpoints.fire("before_vote")
@@ -220,11 +300,12 @@ class TransactionCore:
     ) -> Step[None]:
         tm = self.tm
         # The log participant's branch may become L: its vote sets what L needs.
-        log_vote = (
-            decision_settings(tm.config.log_idle_timeout) + _VOTE_QUERY
-            if tm.log_participant is not None and tm.config.paxos_log is None else _VOTE_QUERY
+        log_settings = (
+            decision_settings(tm.config.log_idle_timeout)
+            if tm.log_participant is not None and tm.config.paxos_log is None else b""
         )
-        jobs = [Job(b.conn, log_vote if b.name == tm.log_participant else _VOTE_QUERY)
+        jobs = [Job(b.conn, (log_settings if b.name == tm.log_participant else b"")
+                    + _VOTE_QUERY + b", " + _tag.vote_fragment(self.txid, b.conn))
                 for b in branches]
         log_job = None
         if decision is not None:
@@ -317,7 +398,7 @@ class TransactionCore:
         if job.error is not None:
             return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
         assert job.rows is not None
-        xid, marker, b.role_at_vote = job.rows[-1]
+        xid, marker, b.role_at_vote = job.rows[-1][:3]
         if marker != self.txid:  # ended by hand, and a new transaction begun since
             return _ManualEnd()
         b.xid = int(xid) if xid is not None else None
@@ -334,6 +415,11 @@ class TransactionCore:
             if decision is not None:
                 yield from decision.cancel()
             yield from self._abort(f"failpoint before_one_phase: {fp_error}", fp_error)
+        if self.expired():
+            if decision is not None:
+                yield from decision.cancel()
+            yield from self._abort("before the decision", None)
+        self.run_deadline = None  # the COMMIT below is the decision
         jobs = []
         if decision is not None and decision.conn is not None:
             jobs.append(Job(decision.conn, b"ROLLBACK"))  # L was not needed
@@ -407,6 +493,10 @@ class TransactionCore:
         except Exception as e:
             yield from decision.cancel()
             yield from self._abort(f"the before_decision hook failed: {e}", e)
+        if self.expired():
+            yield from decision.cancel()
+            yield from self._abort("before the decision", None)
+        self.run_deadline = None  # committing L is the decision
         yield from self._decide(decision, to_prepare, patience)
         _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
         yield from self._commit_prepared(to_prepare, readers)
@@ -465,6 +555,9 @@ class TransactionCore:
             tm.hooks.before_decision(self.txid, 0)  # no lxid in Paxos mode
         except Exception as e:
             yield from self._abort_unproposed(f"the before_decision hook failed: {e}", e)
+        if self.expired():
+            yield from self._abort_unproposed("before the decision", None)
+        self.run_deadline = None
         try:
             outcome = yield from paxos_propose(self.txid, voters, [b.name for b in to_prepare])
         except Exception as e:  # the branches are prepared: only recovery can tell
@@ -618,6 +711,10 @@ class TransactionCore:
         """Roll back every branch (prepared or not) and raise TransactionAborted."""
         yield from self._rollback_branches(self.branches.values())
         self.state = TransactionState.ROLLED_BACK
+        if self.expired():  # whatever failed, the deadline is why
+            raise self.timeout_error(
+                message if message.startswith("before") else f"while committing ({message})"
+            ) from cause
         if isinstance(cause, TransactionAborted):
             raise cause
         raise TransactionAborted(
@@ -652,6 +749,17 @@ class TransactionCore:
                 yield Release(b.name, b.conn)
             except Exception as e:  # one bad connection must not strand the others
                 logger.warning("participant=%s: could not return a connection: %s", b.name, e)
+
+
+def step_limit(step_timeout: float | None, core: TransactionCore) -> float | None:
+    """Seconds a request of ``core`` may wait: step_timeout and, until the
+    commit point, what is left of the deadline (a tiny positive wait once it has
+    passed: the request fails at once as timed out)."""
+    deadline = core.run_deadline
+    if deadline is None:
+        return step_timeout
+    left = max(deadline - time.monotonic(), 0.001)
+    return left if step_timeout is None else min(left, step_timeout)
 
 
 _VOTE_QUERY = (

@@ -22,6 +22,12 @@ A file looks like::
     [recovery]
     interval = 10
 
+    [transaction]
+    timeout = 30        # seconds from tm.transaction() to the decision; default: none
+
+    [deadlock]
+    interval = 1        # seconds between the daemon's deadlock-detector passes
+
     [metrics]
     port = 9187
     address = "127.0.0.1"
@@ -77,6 +83,11 @@ class Config:
     #: PREPARE or COMMIT running long deferred triggers is not a dead server.
     step_timeout: float | None = None
     recovery_interval: float = 10.0
+    #: Default deadline of a global transaction, seconds from ``tm.transaction()``
+    #: to its decision (``tm.transaction(timeout=…)`` overrides it); None: no deadline.
+    transaction_timeout: float | None = None
+    #: Seconds between two passes of the daemon's distributed deadlock detector.
+    deadlock_interval: float = 1.0
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     source: str | None = field(default=None, compare=False)
@@ -112,6 +123,9 @@ class Config:
         if self.step_timeout is not None:
             _positive("step_timeout", self.step_timeout)
         _positive("recovery interval", self.recovery_interval)
+        if self.transaction_timeout is not None:
+            _positive("[transaction] timeout", self.transaction_timeout)
+        _positive("[deadlock] interval", self.deadlock_interval)
         if self.pool_min_size < 0 or self.pool_max_size < max(1, self.pool_min_size):
             raise ConfigError(
                 f"pool sizes min_size={self.pool_min_size}, max_size={self.pool_max_size}: "
@@ -165,7 +179,8 @@ class Config:
     def from_mapping(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
         """Build a Config from parsed TOML data."""
         where = f" in {source}" if source else ""
-        _only(data, {"log", "participants", "pool", "recovery", "metrics"}, "top level", where)
+        _only(data, {"log", "participants", "pool", "recovery", "metrics", "transaction",
+                     "deadlock"}, "top level", where)
         log = _table(data, "log", where)
         _only(log, {"dsn", "participant", "idle_timeout", "mode", "dsns"}, "[log]", where)
         mode = log.get("mode", "single")
@@ -204,6 +219,10 @@ class Config:
         _only(recovery, {"interval"}, "[recovery]", where)
         metrics = _table(data, "metrics", where, required=False)
         _only(metrics, {"port", "address"}, "[metrics]", where)
+        transaction = _table(data, "transaction", where, required=False)
+        _only(transaction, {"timeout"}, "[transaction]", where)
+        deadlock = _table(data, "deadlock", where, required=False)
+        _only(deadlock, {"interval"}, "[deadlock]", where)
         try:
             connect_timeout = float(pool.get("connect_timeout", 10.0))
             log_value: str | PaxosLog = (
@@ -220,6 +239,9 @@ class Config:
                 step_timeout=(float(pool["step_timeout"]) if "step_timeout" in pool
                               else None),
                 recovery_interval=float(recovery.get("interval", 10.0)),
+                transaction_timeout=(float(transaction["timeout"]) if "timeout" in transaction
+                                     else None),
+                deadlock_interval=float(deadlock.get("interval", 1.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
                 metrics_address=str(metrics.get("address", "127.0.0.1")),
                 source=source,

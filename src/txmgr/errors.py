@@ -20,6 +20,8 @@ The tree::
     │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
     │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
+    │   ├── DeadlockDetected         chosen as the victim of a wait-for cycle across servers
+    │   └── TransactionTimeout       the transaction's deadline passed before its decision
     ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
     └── ResolveError                 `txmgr resolve` did not finish a branch
         ├── BranchNotFound           no participant has that gid prepared
@@ -33,6 +35,7 @@ __all__ = [
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",
+    "DeadlockDetected",
     "InvalidParticipantName",
     "LogQuorumUnavailable",
     "LogSchemaError",
@@ -47,6 +50,7 @@ __all__ = [
     "RoleChangeInBranch",
     "TransactionAborted",
     "TransactionStateError",
+    "TransactionTimeout",
     "TxmgrError",
     "UnknownParticipant",
     "UnsupportedServer",
@@ -147,6 +151,39 @@ class TransactionAborted(TxmgrError):
     def __init__(self, message: str, *, txid: str | None = None) -> None:
         super().__init__(message)
         self.txid = txid
+
+
+class DeadlockDetected(TransactionAborted):
+    """The deadlock detector chose this transaction as the victim of a wait-for cycle.
+
+    Each server saw only a wait; together the waits formed a cycle that no server
+    could break. The detector cancelled this transaction's waiting statement (it
+    was the youngest of the cycle); every branch was rolled back and the others
+    of the cycle go on. ``others`` are the txids (or ``pid N on participant``
+    for sessions that are not txmgr's) it waited for, ``relations`` the tables
+    involved. Running the transaction again is safe.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        txid: str | None = None,
+        others: tuple[str, ...] = (),
+        relations: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, txid=txid)
+        self.others = others
+        self.relations = relations
+
+
+class TransactionTimeout(TransactionAborted):
+    """The transaction's deadline (``tm.transaction(timeout=…)``, or ``[transaction]
+    timeout``) passed before its decision: every branch was rolled back."""
+
+    def __init__(self, message: str, *, txid: str | None = None, timeout: float) -> None:
+        super().__init__(message, txid=txid)
+        self.timeout = timeout
 
 
 class OutcomeUnknown(TxmgrError):

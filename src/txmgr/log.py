@@ -60,8 +60,9 @@ __all__ = [
 
 #: The migrations' head (tests check it). Revision 0003 only adds the Paxos
 #: acceptor's tables, so the default mode works on a log at any revision from
-#: :data:`MIN_SCHEMA_REVISION` up to this one and never demands 0003.
-SCHEMA_REVISION = "0003"
+#: :data:`MIN_SCHEMA_REVISION` up to this one and never demands 0003 or 0004 (without
+#: 0004's verdict table a deadlock victim sees a plain cancel, see txmgr._verdict).
+SCHEMA_REVISION = "0004"
 MIN_SCHEMA_REVISION = "0002"
 VERSION_TABLE = "txmgr_alembic_version"
 

@@ -7,6 +7,7 @@ prepared or open. Waits are bounded only as failure guards (GUARD seconds).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from txmgr._tag import parse
 from txmgr._waitgraph import Backend, WaitGraph
 from txmgr.deadlock import Detector, DetectorReport
 
-GUARD = float(__import__("os").environ.get("DL_GUARD", 60))  # seconds: a test that waits longer has failed
+GUARD = float(os.environ.get("DL_GUARD", 60))  # seconds: a test that waits longer failed
 
 
 def _tagged(bank: Bank) -> list[tuple[Any, ...]]:

@@ -31,7 +31,7 @@ from txmgr import _protocol
 from txmgr import transaction as _sync_transaction
 from txmgr._aio_participant import AsyncParticipant
 from txmgr._branch import AsyncBranchConnection
-from txmgr._deadline import expire_async
+from txmgr._deadline import cancel_jobs_async, expire_async
 from txmgr._multiplex import run_all_async
 from txmgr._ops import (
     Checkout,
@@ -177,7 +177,9 @@ async def _drive(tm: _AsyncManager, step: Step[T], core: TransactionCore) -> T:
 async def _perform(tm: _AsyncManager, op: Op, core: TransactionCore) -> Any:
     match op:
         case Run(jobs):
-            await run_all_async(jobs, timeout=_protocol.step_limit(tm.config.step_timeout, core))
+            timeout, cancel_after = _protocol.step_limit(tm.config.step_timeout, core)
+            await run_all_async(jobs, timeout=timeout, cancel_after=cancel_after,
+                                cancel=cancel_jobs_async)
         case Checkout(name):
             return await tm.participant(name).checkout()
         case Release(name, conn):

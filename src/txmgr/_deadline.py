@@ -38,14 +38,15 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from txmgr._protocol import TransactionCore, TransactionState
+from txmgr._multiplex import Job
+from txmgr._protocol import CANCEL_GRACE, TransactionCore, TransactionState
 
-__all__ = ["CANCEL_GRACE", "Reaper", "Timer", "busy", "expire_async", "expire_sync", "sever"]
+__all__ = [
+    "CANCEL_GRACE", "Reaper", "Timer", "busy", "cancel_jobs", "cancel_jobs_async",
+    "expire_async", "expire_sync", "sever",
+]
 
 logger = logging.getLogger("txmgr")
-
-#: Seconds between the cancel request and shutting the connection down.
-CANCEL_GRACE = 2.0
 
 
 def busy(core: TransactionCore) -> list[psycopg.BaseConnection[Any]]:
@@ -70,6 +71,34 @@ def sever(conn: psycopg.BaseConnection[Any]) -> None:
         s.shutdown(socket.SHUT_RDWR)
 
 
+def cancel_jobs(jobs: list[Job]) -> None:
+    """Send a cancel request for each job's statement (at most CANCEL_GRACE each)."""
+    for job in jobs:
+        _cancel(job.conn)
+
+
+async def cancel_jobs_async(jobs: list[Job]) -> None:
+    """The asyncio twin of :func:`cancel_jobs`."""
+    for job in jobs:
+        await _cancel_async(job.conn)
+
+
+def _cancel(conn: psycopg.BaseConnection[Any], grace: float = CANCEL_GRACE) -> None:
+    try:
+        assert isinstance(conn, psycopg.Connection)
+        conn.cancel_safe(timeout=grace)
+    except Exception as e:  # a server that does not answer: its connection is closed later
+        logger.info("cancel request failed: %s", e)
+
+
+async def _cancel_async(conn: psycopg.BaseConnection[Any], grace: float = CANCEL_GRACE) -> None:
+    try:
+        assert isinstance(conn, psycopg.AsyncConnection)
+        await conn.cancel_safe(timeout=grace)
+    except Exception as e:
+        logger.info("cancel request failed: %s", e)
+
+
 def expire_sync(core: TransactionCore, grace: float = CANCEL_GRACE) -> None:
     """The deadline passed: cancel what is in flight, sever what still is after ``grace``."""
     conns = busy(core)
@@ -78,11 +107,7 @@ def expire_sync(core: TransactionCore, grace: float = CANCEL_GRACE) -> None:
 
     def run() -> None:
         for conn in conns:
-            try:
-                assert isinstance(conn, psycopg.Connection)
-                conn.cancel_safe(timeout=grace)
-            except Exception as e:  # a server that does not answer: severed below
-                logger.info("txid=%s: cancel request failed: %s", core.txid, e)
+            _cancel(conn, grace)
         stop = threading.Event()
         stop.wait(grace)
         still = set(map(id, busy(core)))
@@ -99,11 +124,7 @@ async def expire_async(core: TransactionCore, grace: float = CANCEL_GRACE) -> No
     """The asyncio twin of :func:`expire_sync` (run as a task of the event loop)."""
     conns = busy(core)
     for conn in conns:
-        try:
-            assert isinstance(conn, psycopg.AsyncConnection)
-            await conn.cancel_safe(timeout=grace)
-        except Exception as e:
-            logger.info("txid=%s: cancel request failed: %s", core.txid, e)
+        await _cancel_async(conn, grace)
     if conns:
         await asyncio.sleep(grace)
     still = set(map(id, busy(core)))

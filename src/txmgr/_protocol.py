@@ -74,7 +74,9 @@ from txmgr.log import decision_settings
 from txmgr.paxos._core import Outcome, Voters
 from txmgr.paxos._log import paxos_gid
 
-__all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState", "step_limit"]
+__all__ = [
+    "CANCEL_GRACE", "Branch", "Coordinator", "TransactionCore", "TransactionState", "step_limit",
+]
 
 logger = logging.getLogger("txmgr")
 
@@ -167,17 +169,20 @@ class TransactionCore:
     def _begin_query(self, conn: AnyBranchConnection) -> bytes:
         """BEGIN, the marker the vote checks, the tag, and the deadline's server-side
         limits, in one statement (one round trip)."""
-        query = (_BEGIN + literal(self.txid, conn) + b", true), current_user, "
-                 + _tag.begin_fragment(self.txid, conn))
-        if self.deadline is not None:
-            # Each statement, and each idle pause between statements, may take at
-            # most what is left; the front end cancels at the deadline itself
-            # (a server that does not answer enforces nothing).
-            left = str(max(1, math.ceil((self.deadline - time.monotonic()) * 1000)))
-            query += (b", set_config('statement_timeout', " + literal(left, conn)
-                      + b", true), set_config('idle_in_transaction_session_timeout', "
-                      + literal(left, conn) + b", true)")
-        return query
+        return (_BEGIN + literal(self.txid, conn) + b", true), current_user, "
+                + _tag.begin_fragment(self.txid, conn)
+                + self._limits(conn, b"idle_in_transaction_session_timeout"))
+
+    def _limits(self, conn: AnyBranchConnection, *settings: bytes) -> bytes:
+        """Select-list items that limit the branch's statements (and ``settings``) to
+        what is left of the deadline, from now: the server ends a statement that
+        outlives it by itself (57014), and the front end cancels at the deadline
+        (a server that does not answer enforces nothing)."""
+        if self.deadline is None:
+            return b""
+        left = literal(str(max(1, math.ceil((self.deadline - time.monotonic()) * 1000))), conn)
+        return b"".join(b", set_config('" + name + b"', " + left + b", true)"
+                        for name in (b"statement_timeout", *settings))
 
     def explain(self, error: BaseException) -> Step[BaseException | None]:
         """After a rollback caused by ``error`` (raised in the application's block):
@@ -305,7 +310,9 @@ class TransactionCore:
             if tm.log_participant is not None and tm.config.paxos_log is None else b""
         )
         jobs = [Job(b.conn, (log_settings if b.name == tm.log_participant else b"")
-                    + _VOTE_QUERY + b", " + _tag.vote_fragment(self.txid, b.conn))
+                    + _VOTE_QUERY + b", " + _tag.vote_fragment(self.txid, b.conn)
+                    # the PREPARE after it may take what is left, no more
+                    + self._limits(b.conn))
                 for b in branches]
         log_job = None
         if decision is not None:
@@ -751,15 +758,25 @@ class TransactionCore:
                 logger.warning("participant=%s: could not return a connection: %s", b.name, e)
 
 
-def step_limit(step_timeout: float | None, core: TransactionCore) -> float | None:
-    """Seconds a request of ``core`` may wait: step_timeout and, until the
-    commit point, what is left of the deadline (a tiny positive wait once it has
-    passed: the request fails at once as timed out)."""
+#: Seconds past a deadline the front ends give a server to end a statement
+#: itself (the statement_timeout the core sets, a cancel request) before they
+#: close its connection: a statement ended by the server leaves nothing behind,
+#: a PREPARE cut off by a closed connection may leave a branch for recovery.
+CANCEL_GRACE = 2.0
+
+
+def step_limit(step_timeout: float | None, core: TransactionCore
+               ) -> tuple[float | None, float | None]:
+    """(timeout, cancel_after) of a request of ``core`` (see
+    :func:`txmgr._multiplex.run_all`): step_timeout and, until the commit point,
+    a cancel request at the deadline and the connection closed
+    :data:`CANCEL_GRACE` seconds later."""
     deadline = core.run_deadline
     if deadline is None:
-        return step_timeout
-    left = max(deadline - time.monotonic(), 0.001)
-    return left if step_timeout is None else min(left, step_timeout)
+        return step_timeout, None
+    left = max(deadline - time.monotonic(), 0.0)
+    timeout = left + CANCEL_GRACE
+    return (timeout if step_timeout is None else min(timeout, step_timeout)), left
 
 
 _VOTE_QUERY = (

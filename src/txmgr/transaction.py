@@ -16,7 +16,7 @@ import psycopg
 
 from txmgr import _protocol
 from txmgr._branch import BranchConnection
-from txmgr._deadline import Reaper, Timer, expire_sync
+from txmgr._deadline import Reaper, Timer, cancel_jobs, expire_sync
 from txmgr._multiplex import run_all
 from txmgr._ops import (
     Checkout,
@@ -150,7 +150,8 @@ def _drive(tm: _Manager, step: Step[T], core: TransactionCore) -> T:
         result = error = None
         try:
             if type(op) is Run:  # most requests are: the cheapest test first
-                run_all(op.jobs, timeout=_protocol.step_limit(tm.config.step_timeout, core))
+                timeout, cancel_after = _protocol.step_limit(tm.config.step_timeout, core)
+                run_all(op.jobs, timeout=timeout, cancel_after=cancel_after, cancel=cancel_jobs)
             else:
                 result = _perform(tm, op)
         except BaseException as e:  # KeyboardInterrupt too: the step cleans up

@@ -282,3 +282,31 @@ def test_the_tag_survives_the_applications_own_name() -> None:
     tag = parse(f"txm:{T1}:v myapp")
     assert tag is not None and tag.voted and tag.txid == T1
     assert parse("myapp") is None and parse(None) is None and parse(f"txm:{T1}:ax") is None
+
+
+def test_the_active_daemon_breaks_a_cycle_and_counts_it(three: Bank) -> None:
+    """No detector of the test's own: the daemon's leader runs it on its interval."""
+    from txmgr.daemon import Daemon
+
+    config = txmgr.Config(participants=three.dsns, log=three.log, deadlock_interval=0.2,
+                          recovery_interval=60)
+    daemon = Daemon(config)
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    try:
+        tm = three.manager()
+        with Workers(tm, {"t1": [("a", 1), ("b", 1)], "t2": [("b", 1), ("a", 1)]}) as w:
+            pass  # the workers end when the daemon has broken the cycle
+    finally:
+        daemon.stop.set()
+        runner.join(GUARD)
+    outcomes = sorted(type(r).__name__ if not isinstance(r, str) else r
+                      for r in w.results.values())
+    assert outcomes == ["DeadlockDetected", "committed"]
+    try:
+        registry = daemon.metrics.registry
+    except txmgr.ConfigError:
+        return  # no prometheus_client: the counts are not kept
+    assert registry.get_sample_value("txmgr_deadlocks_detected_total") == 1
+    assert registry.get_sample_value("txmgr_deadlock_victims_cancelled_total") == 1
+    assert (registry.get_sample_value("txmgr_deadlock_pass_duration_seconds_count") or 0) >= 1

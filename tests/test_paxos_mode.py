@@ -23,6 +23,7 @@ import txmgr
 from ops_support import DaemonProcess, metric, prepare_branch, wait_for
 from support import KILLED_COORDINATOR, Bank, MakeBank, query, run_coordinator, transfer
 from txmgr.failpoints import CRASH_EXIT
+from txmgr.log import SCHEMA_REVISION
 from txmgr.paxos import PAXOS_GID_PREFIX
 from txmgr.paxos._log import paxos_gid
 from txmgr.testing import Server
@@ -417,7 +418,7 @@ def test_cli_migrates_every_log_database_and_recovers(
 
     migrated = cli("migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.count("migrated from empty to 0003") == 3
+    assert migrated.stdout.count(f"migrated from empty to {SCHEMA_REVISION}") == 3
     paxos_log(closing, dsns).check()  # every log database has the acceptor tables
     crash_at(bank, dsns, "after_decision", transfer(30, "a", "b"))
     recovered = cli("recover")

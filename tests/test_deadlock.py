@@ -310,3 +310,36 @@ def test_the_active_daemon_breaks_a_cycle_and_counts_it(three: Bank) -> None:
     assert registry.get_sample_value("txmgr_deadlocks_detected_total") == 1
     assert registry.get_sample_value("txmgr_deadlock_victims_cancelled_total") == 1
     assert (registry.get_sample_value("txmgr_deadlock_pass_duration_seconds_count") or 0) >= 1
+
+
+def test_status_shows_who_waits_for_whom_across_servers(
+    three: Bank, detector: Detector, tmp_path: Any
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "txmgr.toml"
+    path.write_text(
+        f"[log]\ndsn = {json.dumps(three.log_dsn)}\n[participants]\n"
+        + "".join(f"{n} = {json.dumps(d)}\n" for n, d in three.dsns.items())
+    )
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "txmgr.cli", "status", "--config",
+                               str(path), *args], capture_output=True, text=True, timeout=120,
+                              check=False)
+
+    tm = three.manager()
+    with Workers(tm, {"t1": [("a", 1), ("b", 1)], "t2": [("b", 1), ("a", 1)]}) as w:
+        _until("both wait", lambda: len(detector.gather()[0].waits) >= 2)
+        shown = status("--json")
+        table = status()
+        _break_one(detector)
+    assert shown.returncode == 0, shown.stderr
+    waits = json.loads(shown.stdout)["waits"]
+    t1, t2 = w.txids["t1"], w.txids["t2"]
+    got = sorted((x["waiter"], x["participant"], x["blocked_by"]) for x in waits)
+    assert got == sorted([(t1, "b", t2), (t2, "a", t1)])
+    assert all("accounts" in x["relations"] and x["waited_seconds"] >= 0 for x in waits)
+    assert "lock waits: 2" in table.stdout and t1 in table.stdout and t2 in table.stdout

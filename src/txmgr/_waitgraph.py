@@ -39,7 +39,7 @@ class Backend:
     xact_start: datetime | None  # None when the server hides it (another role)
     blockers: tuple[int, ...] = ()  # pg_blocking_pids; 0 is a prepared transaction
     relations: tuple[str, ...] = ()  # the tables of the locks it waits for
-    waiting_since: datetime | None = None
+    waited: float | None = None  # seconds it has waited so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,14 @@ class Wait:
     participant: str
     pid: int  # the waiting backend
     relations: tuple[str, ...]
-    waiting_since: datetime | None
+    waited: float | None  # seconds, by the server's clock
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "participant": self.participant, "pid": self.pid,
+            "waiter": _name(self.waiter), "blocked_by": _name(self.holder),
+            "relations": list(self.relations), "waited_seconds": self.waited,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +114,7 @@ class WaitGraph:
             for pid in dict.fromkeys(b.blockers):
                 self.waits.append(Wait(
                     waiter, node_of(b.participant, pid, tags), b.participant, b.pid,
-                    b.relations, b.waiting_since,
+                    b.relations, b.waited,
                 ))
 
     def deadlocks(self) -> list[Deadlock]:

@@ -57,7 +57,7 @@ logger = logging.getLogger("txmgr.deadlock")
 _BACKENDS = """
 SELECT a.pid, a.application_name, a.xact_start,
        CASE WHEN w.waiting THEN pg_blocking_pids(a.pid) END,
-       w.relations, w.since
+       w.relations, extract(epoch FROM clock_timestamp() - w.since)::float8
 FROM pg_stat_activity a
 CROSS JOIN LATERAL (
     SELECT coalesce(bool_or(NOT l.granted), false) AS waiting,

@@ -343,3 +343,37 @@ def test_status_shows_who_waits_for_whom_across_servers(
     assert got == sorted([(t1, "b", t2), (t2, "a", t1)])
     assert all("accounts" in x["relations"] and x["waited_seconds"] >= 0 for x in waits)
     assert "lock waits: 2" in table.stdout and t1 in table.stdout and t2 in table.stdout
+
+
+def test_async_the_victim_gets_deadlock_detected(three: Bank, detector: Detector) -> None:
+    import asyncio
+
+    async def main() -> dict[str, BaseException | str]:
+        results: dict[str, BaseException | str] = {}
+        both_first = asyncio.Barrier(2)
+        async with txmgr.AsyncTransactionManager(three.dsns, three.log) as tm:
+
+            async def work(name: str, first: str, second: str) -> None:
+                try:
+                    async with tm.transaction() as tx:
+                        await (await tx.connection(first)).execute(
+                            "UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+                        await both_first.wait()
+                        await (await tx.connection(second)).execute(
+                            "UPDATE accounts SET balance = balance + 1 WHERE id = 1")
+                    results[name] = "committed"
+                except BaseException as e:
+                    results[name] = e
+
+            tasks = [asyncio.create_task(work("t1", "a", "b")),
+                     asyncio.create_task(work("t2", "b", "a"))]
+            await asyncio.to_thread(_break_one, detector)
+            await asyncio.wait_for(asyncio.gather(*tasks), GUARD)
+        return results
+
+    results = asyncio.run(main())
+    outcomes = sorted(type(r).__name__ if not isinstance(r, str) else r
+                      for r in results.values())
+    assert outcomes == ["DeadlockDetected", "committed"]
+    assert three.balance("a") == three.balance("b") == START + 1
+    assert three.prepared() == []

@@ -187,3 +187,44 @@ def test_async_a_deadline_ends_a_statement_on_a_stopped_server(
     asyncio.run(main())
     assert not _locked_now(bank.dsns["a"])
     assert bank.balance("a") == bank.balance("b") == START
+
+
+def test_sqlalchemy_a_deadline_ends_a_lock_wait(bank: Bank) -> None:
+    import sqlalchemy as sa
+
+    from txmgr.sqlalchemy import SQLAlchemy
+
+    db = SQLAlchemy(bank.manager())
+    with psycopg.connect(bank.dsns["a"]) as holder:
+        holder.execute(UPDATE)
+        with pytest.raises(txmgr.TransactionTimeout) as info:
+            with db.transaction(timeout=1) as tx:
+                tx.connection("b").execute(sa.text(UPDATE))
+                tx.connection("a").execute(sa.text(UPDATE))
+        assert not _locked_now(bank.dsns["b"])
+        holder.rollback()
+    assert info.value.txid == tx.txid
+    assert bank.balance("a") == bank.balance("b") == START
+    assert bank.prepared() == []
+
+
+def test_sqlalchemy_a_session_commit_past_the_configured_deadline_is_refused(
+    bank: Bank,
+) -> None:
+    import sqlalchemy as sa
+
+    import txmgr.sqlalchemy
+
+    config = txmgr.Config(participants=bank.dsns, log=bank.log, transaction_timeout=0.5)
+    tm = txmgr.TransactionManager.from_config(config)
+    try:
+        session_factory = txmgr.sqlalchemy.sessionmaker(tm, bind="a")
+        with session_factory() as session:
+            session.execute(sa.text(UPDATE))
+            threading.Event().wait(1)  # the application is busy past the deadline
+            with pytest.raises(txmgr.TransactionTimeout):
+                session.commit()
+    finally:
+        tm.close()
+    assert bank.balance("a") == START
+    assert bank.prepared() == []

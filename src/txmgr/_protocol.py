@@ -190,7 +190,10 @@ class TransactionCore:
         deadlock detector cancelled this transaction's statement."""
         if self.expired():
             return self.timeout_error("while it was running")
-        if not isinstance(error, psycopg.errors.QueryCanceled):
+        # SQLAlchemy wraps the driver's error (``.orig``).
+        if not isinstance(error, psycopg.errors.QueryCanceled) and not isinstance(
+            getattr(error, "orig", None), psycopg.errors.QueryCanceled
+        ):
             return None
         try:
             verdict = yield from take_verdict(self.txid)

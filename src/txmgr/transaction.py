@@ -116,6 +116,13 @@ class Transaction:
         finally:
             self._disarm()
 
+    def explain(self, error: BaseException) -> BaseException | None:
+        """After a rollback because of ``error``: the txmgr error it stands for —
+        :class:`~txmgr.errors.TransactionTimeout` past the deadline,
+        :class:`~txmgr.errors.DeadlockDetected` for a statement the deadlock
+        detector cancelled — or None. (The ``with`` block raises it for you.)"""
+        return _drive(self._tm, self._core.explain(error), self._core)
+
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -130,7 +137,7 @@ class Transaction:
             self.rollback()
             # A cancelled statement may have been the deadline or the deadlock
             # detector: then the application gets that error, caused by this one.
-            better = _drive(self._tm, self._core.explain(exc), self._core)
+            better = self.explain(exc)
             if better is not None:
                 raise better from exc
         elif self._core.state is TransactionState.ACTIVE:

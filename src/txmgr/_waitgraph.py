@@ -54,6 +54,7 @@ class Wait:
     waited: float | None  # seconds, by the server's clock
 
     def to_json(self) -> dict[str, object]:
+        """The wait as ``txmgr status --json`` prints it."""
         return {
             "participant": self.participant, "pid": self.pid,
             "waiter": _name(self.waiter), "blocked_by": _name(self.holder),

@@ -139,6 +139,7 @@ class Detector:
         self._on_pass = on_pass
 
     def close(self) -> None:
+        """Close the connections kept between passes."""
         self._conns.close()
 
     def gather(self) -> tuple[WaitGraph, dict[str, str]]:

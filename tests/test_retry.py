@@ -295,14 +295,6 @@ def test_run_transaction_checks_its_arguments(bank: Bank) -> None:
         txmgr.run_transaction(tm, lambda tx: None, initial_delay=3, max_delay=1)
 
 
-class _Victim(txmgr.TransactionAborted):
-    retryable_class = True
-
-
-class _Timeout(txmgr.TransactionAborted):
-    timeout = True
-
-
 def _caused_by(error: Exception, cause: BaseException) -> Exception:
     error.__cause__ = cause
     return error
@@ -320,8 +312,8 @@ class _State(Exception):
     (_caused_by(txmgr.TransactionAborted("x"), _State("23505")), False, False),
     (_caused_by(txmgr.TransactionAborted("x"), _State("57014")), False, True),
     (txmgr.TransactionAborted("no cause"), False, False),
-    (_Victim("deadlock"), True, True),
-    (_Timeout("deadline"), False, True),
+    (txmgr.DeadlockDetected("deadlock victim"), True, True),
+    (txmgr.TransactionTimeout("deadline", timeout=2.0), False, True),
     (_caused_by(txmgr.OutcomeUnknown("?"), _State("40001")), False, False),
     (_caused_by(txmgr.ParticipantUnavailable("down", participant="a"), _State("57014")),
      False, False),

@@ -70,14 +70,15 @@ class AsyncTransactionManager(ManagerBase[AsyncParticipant]):
 
     # -- public API ---------------------------------------------------------
 
-    def transaction(self) -> AsyncTransaction:
+    def transaction(self, *, timeout: float | None = None) -> AsyncTransaction:
         """A new global transaction; use it as ``async with tm.transaction() as tx``.
 
         Entering the block checks the decision log on first use (without the
-        block, the first ``connection()`` or ``commit()`` does).
+        block, the first ``connection()`` or ``commit()`` does). ``timeout``: as
+        :meth:`txmgr.TransactionManager.transaction`.
         """
         self._require_open("transaction()")
-        return AsyncTransaction(self)
+        return AsyncTransaction(self, timeout)
 
     async def open(self) -> None:
         """Check the decision log now (``async with`` calls it); optional otherwise."""

@@ -21,6 +21,7 @@ code).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from typing import Any, Protocol, TypeVar, cast
 
@@ -30,6 +31,7 @@ from txmgr import _protocol
 from txmgr import transaction as _sync_transaction
 from txmgr._aio_participant import AsyncParticipant
 from txmgr._branch import AsyncBranchConnection
+from txmgr._deadline import cancel_jobs_async, expire_async
 from txmgr._multiplex import run_all_async
 from txmgr._ops import (
     Checkout,
@@ -44,8 +46,10 @@ from txmgr._ops import (
     Run,
     Sleep,
     Step,
+    TakeVerdict,
 )
-from txmgr._protocol import TransactionState
+from txmgr._protocol import TransactionCore, TransactionState
+from txmgr._verdict import Verdict
 from txmgr.log import XactStatus
 from txmgr.paxos._log import PaxosLog
 
@@ -64,6 +68,7 @@ class _AsyncManager(_protocol.Coordinator, Protocol):
     def read_decision(self, lxid: int, txid: str) -> tuple[XactStatus, bool]: ...
     async def forget(self, txids: Iterable[str]) -> None: ...
     def paxos(self) -> PaxosLog: ...
+    def take_verdict(self, txid: str) -> Verdict | None: ...
 
 
 class AsyncTransaction:
@@ -73,11 +78,14 @@ class AsyncTransaction:
     between tasks: one task drives one transaction (the manager is shared).
     """
 
-    __slots__ = ("_core", "_tm")
+    __slots__ = ("_core", "_expiry", "_timer", "_tm")
 
-    def __init__(self, tm: _AsyncManager) -> None:
+    def __init__(self, tm: _AsyncManager, timeout: float | None = None) -> None:
         self._tm = tm
-        self._core = _protocol.TransactionCore(tm)
+        self._core = _protocol.TransactionCore(tm, timeout)
+        # The deadline's timer (armed with the first branch) and the task it starts.
+        self._timer: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     @property
     def txid(self) -> str:
@@ -100,31 +108,56 @@ class AsyncTransaction:
         branch = core.branches.get(name)
         if branch is None:
             await self._tm.check_log()  # the log is checked before the first branch
-            branch = await _drive(self._tm, core.open_branch(name))
+            if self._timer is None and core.deadline is not None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_at(
+                    loop.time() + (core.deadline - time.monotonic()), self._expire
+                )
+            branch = await _drive(self._tm, core.open_branch(name), core)
         return cast("psycopg.AsyncConnection[Any]", branch.conn)
 
     async def commit(self) -> None:
         """Commit every branch atomically (called by the ``async with`` block on success)."""
-        await _drive(
-            self._tm, self._core.commit(patience=_sync_transaction.CONFIRM_PATIENCE)
-        )
+        try:
+            await _drive(
+                self._tm, self._core.commit(patience=_sync_transaction.CONFIRM_PATIENCE),
+                self._core,
+            )
+        finally:
+            self._disarm()
 
     async def rollback(self) -> None:
         """Roll back every branch (called by the ``async with`` block on an exception)."""
-        await _drive(self._tm, self._core.rollback())
+        try:
+            await _drive(self._tm, self._core.rollback(), self._core)
+        finally:
+            self._disarm()
+
+    def _expire(self) -> None:
+        self._expiry = asyncio.ensure_future(expire_async(self._core))
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def __aenter__(self) -> AsyncTransaction:
         await self._tm.check_log()  # fail before any work when the log is unusable
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is not None:
             await self.rollback()
+            # The deadline, or the deadlock detector (see Transaction.__exit__).
+            better = await _drive(self._tm, self._core.explain(exc), self._core)
+            if better is not None:
+                raise better from exc
         elif self._core.state is TransactionState.ACTIVE:
             await self.commit()
 
 
-async def _drive(tm: _AsyncManager, step: Step[T]) -> T:
+async def _drive(tm: _AsyncManager, step: Step[T], core: TransactionCore) -> T:
     """Run a protocol step to its end, awaiting each request it yields; a failed
     (or cancelled) request is raised inside the step, where it was made."""
     result: Any = None
@@ -136,15 +169,17 @@ async def _drive(tm: _AsyncManager, step: Step[T]) -> T:
             return cast(T, stop.value)
         result = error = None
         try:
-            result = await _perform(tm, op)
+            result = await _perform(tm, op, core)
         except BaseException as e:  # CancelledError too: the step cleans up
             error = e
 
 
-async def _perform(tm: _AsyncManager, op: Op) -> Any:
+async def _perform(tm: _AsyncManager, op: Op, core: TransactionCore) -> Any:
     match op:
         case Run(jobs):
-            await run_all_async(jobs, timeout=tm.config.step_timeout)
+            timeout, cancel_after = _protocol.step_limit(tm.config.step_timeout, core)
+            await run_all_async(jobs, timeout=timeout, cancel_after=cancel_after,
+                                cancel=cancel_jobs_async)
         case Checkout(name):
             return await tm.participant(name).checkout()
         case Release(name, conn):
@@ -159,6 +194,8 @@ async def _perform(tm: _AsyncManager, op: Op) -> Any:
             await asyncio.sleep(seconds)
         case Forget(txids):
             await tm.forget(txids)
+        case TakeVerdict(txid):
+            return await asyncio.to_thread(tm.take_verdict, txid)
         case PaxosRegister() | PaxosPropose():
             # perform_paxos needs only paxos(), take_forget() and forget_later()
             # of its manager (this one has them; its annotation names the sync one).

@@ -19,6 +19,7 @@ that the sync and the async classes call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any, TypeAlias
 
@@ -27,7 +28,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from txmgr._sqlscan import role_change_statement, transaction_control_statement
-from txmgr.errors import ManualTransactionControl, RoleChangeInBranch
+from txmgr.errors import ManualTransactionControl, RoleChangeInBranch, TransactionTimeout
 
 __all__ = [
     "AnyBranchConnection",
@@ -53,6 +54,9 @@ class _Guard:
     # The participant whose branch this connection carries, or None while it
     # sits in the pool or is driven by txmgr itself (then nothing is refused).
     _txmgr_branch: str | None = None
+    # (time.monotonic() deadline, txid, timeout) of the branch's transaction, if
+    # it has one: past it, no statement is sent any more.
+    _txmgr_deadline: tuple[float, str, float] | None = None
 
     def _txmgr_guard(self, what: str) -> None:
         if self._txmgr_branch is not None:
@@ -64,6 +68,13 @@ def _check_statement(conn: psycopg.BaseConnection[Any], query: Any) -> None:
     branch = getattr(conn, "_txmgr_branch", None)
     if branch is None:
         return
+    deadline = getattr(conn, "_txmgr_deadline", None)
+    if deadline is not None and time.monotonic() >= deadline[0]:
+        raise TransactionTimeout(
+            f"transaction {deadline[1]}: its deadline of {deadline[2]:g}s has passed, so no "
+            f"more statements are sent to {branch!r}; the transaction is rolled back",
+            txid=deadline[1], timeout=deadline[2],
+        )
     if isinstance(query, sql.Composable):
         text = query.as_string(conn)
     elif isinstance(query, bytes | bytearray | memoryview):

@@ -19,6 +19,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import psycopg
 
+from txmgr import _verdict
 from txmgr import log as decision_log
 from txmgr._dsn import mask
 from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
@@ -57,6 +58,7 @@ class ManagerBase(Generic[P]):
         connect_timeout: float = 10.0,
         step_timeout: float | None = None,
         prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
+        transaction_timeout: float | None = None,
         hooks: Hooks | None = None,
     ) -> None:
         config = Config(
@@ -68,6 +70,7 @@ class ManagerBase(Generic[P]):
             connect_timeout=connect_timeout,
             step_timeout=step_timeout,
             prepare_threshold=prepare_threshold,
+            transaction_timeout=transaction_timeout,
         )
         self._init(config, hooks)
 
@@ -193,6 +196,12 @@ class ManagerBase(Generic[P]):
         with self.confirm_connection() as conn:
             statuses, committed = decision_log.read_decisions(conn, [(lxid, txid)])
         return statuses.get(lxid), txid in committed
+
+    def take_verdict(self, txid: str) -> _verdict.Verdict | None:
+        """The deadlock detector's verdict on ``txid``, taken from the log (blocking)."""
+        return _verdict.take_any(
+            _verdict.log_dsns(self.config), txid, connect_timeout=self.config.connect_timeout
+        )
 
     def _log_pool_options(self) -> dict[str, Any]:
         """Settings of the dedicated log database's pool."""

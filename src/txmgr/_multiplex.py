@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import psycopg
@@ -90,10 +90,18 @@ class Job:
         return f"<Job {self.query[:40]!r} rows={self.rows} error={self.error!r}>"
 
 
-def run_all(jobs: Sequence[Job], *, timeout: float | None = None) -> None:
+def run_all(
+    jobs: Sequence[Job],
+    *,
+    timeout: float | None = None,
+    cancel_after: float | None = None,
+    cancel: Callable[[list[Job]], None] | None = None,
+) -> None:
     """Send every job's query, then wait for every answer (errors land in ``job.error``);
     with ``timeout``, at most that many seconds: then the connections still
-    without an answer are closed and their jobs fail with :class:`StepTimeout`."""
+    without an answer are closed and their jobs fail with :class:`StepTimeout`.
+    With ``cancel_after`` (< ``timeout``), ``cancel`` is called on the jobs still
+    unanswered by then (a cancel request lets a live server end them cleanly)."""
     pending = _send_all(jobs)
     if not pending:
         return
@@ -101,6 +109,11 @@ def run_all(jobs: Sequence[Job], *, timeout: float | None = None) -> None:
         _wait(pending)
         return
     deadline = time.monotonic() + timeout
+    if cancel is not None and cancel_after is not None and cancel_after < timeout:
+        soon = time.monotonic() + cancel_after
+        _wait(pending, seconds_left=lambda: soon - time.monotonic())
+        if pending:
+            cancel(list(pending.values()))
     _wait(pending, seconds_left=lambda: deadline - time.monotonic())
     _give_up(pending.values(), timeout)
 
@@ -182,7 +195,13 @@ def _wait(
             sel.select(wait)
 
 
-async def run_all_async(jobs: Sequence[Job], *, timeout: float | None = None) -> None:
+async def run_all_async(
+    jobs: Sequence[Job],
+    *,
+    timeout: float | None = None,
+    cancel_after: float | None = None,
+    cancel: Callable[[list[Job]], Awaitable[None]] | None = None,
+) -> None:
     """:func:`run_all` for the event loop: the task waits, the loop goes on."""
     pending = _send_all(jobs)
     for fd, job in list(pending.items()):
@@ -219,7 +238,13 @@ async def run_all_async(jobs: Sequence[Job], *, timeout: float | None = None) ->
         if timeout is None:
             await done
         else:
-            await asyncio.wait({done}, timeout=timeout)  # (never cancels ``done``)
+            deadline = time.monotonic() + timeout
+            if cancel is not None and cancel_after is not None and cancel_after < timeout:
+                await asyncio.wait({done}, timeout=cancel_after)
+                if not done.done():
+                    await cancel(list(pending.values()))
+            # (asyncio.wait never cancels ``done``)
+            await asyncio.wait({done}, timeout=max(0.0, deadline - time.monotonic()))
             if done.done():
                 done.result()  # raises what a reader callback raised
     finally:  # also when the task is cancelled: the loop must not call back later

@@ -23,6 +23,7 @@ from txmgr._multiplex import AnyConnection, Job
 from txmgr.log import XactStatus
 
 if TYPE_CHECKING:
+    from txmgr._verdict import Verdict
     from txmgr.paxos._core import Outcome, Voters
 
 __all__ = [
@@ -38,11 +39,13 @@ __all__ = [
     "Run",
     "Sleep",
     "Step",
+    "TakeVerdict",
     "checkout",
     "log_connection",
     "paxos_propose",
     "paxos_register",
     "read_decision",
+    "take_verdict",
 ]
 
 T = TypeVar("T")
@@ -50,7 +53,11 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Run:
-    """Send every job's query, then collect every answer (:func:`txmgr._multiplex.run_all`)."""
+    """Send every job's query, then collect every answer (:func:`txmgr._multiplex.run_all`).
+
+    The front end bounds the wait by ``step_timeout`` and, until the commit
+    point, by the transaction's deadline (``TransactionCore.run_deadline``).
+    """
 
     jobs: Sequence[Job]
 
@@ -124,9 +131,17 @@ class PaxosPropose:
     participants: list[str]
 
 
+@dataclass(slots=True)
+class TakeVerdict:
+    """Ask the decision log whether the deadlock detector cancelled ``txid`` ->
+    its :class:`txmgr._verdict.Verdict` (deleted), or None."""
+
+    txid: str
+
+
 Op: TypeAlias = (
     Run | Checkout | Release | LogConnection | ReleaseLog | ReadDecision | Sleep | Forget
-    | PaxosRegister | PaxosPropose
+    | PaxosRegister | PaxosPropose | TakeVerdict
 )
 
 #: A protocol step: yields requests, receives their results, returns a ``T``.
@@ -156,3 +171,8 @@ def paxos_register() -> Step[tuple[str, Voters]]:
 def paxos_propose(txid: str, voters: Voters, participants: list[str]) -> Step[Outcome]:
     outcome: Outcome = yield PaxosPropose(txid, voters, participants)
     return outcome
+
+
+def take_verdict(txid: str) -> Step[Verdict | None]:
+    verdict: Verdict | None = yield TakeVerdict(txid)
+    return verdict

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import NoReturn, Protocol
@@ -39,16 +41,26 @@ from typing import NoReturn, Protocol
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from txmgr import failpoints
+from txmgr import _tag, failpoints
 from txmgr._branch import AnyBranchConnection
 from txmgr._decision import Decision
 from txmgr._gid import Gid, new_txid
 from txmgr._heuristic import count_heuristic_mixed
 from txmgr._hints import FAILED_BRANCH_HINT, with_hint
 from txmgr._multiplex import Job, literal
-from txmgr._ops import Forget, Release, Run, Step, checkout, paxos_propose, paxos_register
+from txmgr._ops import (
+    Forget,
+    Release,
+    Run,
+    Step,
+    checkout,
+    paxos_propose,
+    paxos_register,
+    take_verdict,
+)
 from txmgr.config import Config
 from txmgr.errors import (
+    DeadlockDetected,
     HeuristicMixed,
     LogSchemaError,
     ManualTransactionControl,
@@ -57,13 +69,16 @@ from txmgr.errors import (
     RoleChangeInBranch,
     TransactionAborted,
     TransactionStateError,
+    TransactionTimeout,
 )
 from txmgr.hooks import Hooks
 from txmgr.log import decision_settings
 from txmgr.paxos._core import Outcome, Voters
 from txmgr.paxos._log import paxos_gid
 
-__all__ = ["Branch", "Coordinator", "TransactionCore", "TransactionState"]
+__all__ = [
+    "CANCEL_GRACE", "Branch", "Coordinator", "TransactionCore", "TransactionState", "step_limit",
+]
 
 logger = logging.getLogger("txmgr")
 
@@ -122,9 +137,10 @@ class TransactionCore:
     and drives the generators they return to the end.
     """
 
-    __slots__ = ("_maybe_prepared", "_registered", "branches", "state", "tm", "txid")
+    __slots__ = ("_maybe_prepared", "_registered", "branches", "deadline", "run_deadline",
+                 "state", "timeout", "tm", "txid")
 
-    def __init__(self, tm: Coordinator) -> None:
+    def __init__(self, tm: Coordinator, timeout: float | None = None) -> None:
         self.tm = tm
         self.txid = new_txid()
         self.branches: dict[str, Branch] = {}  # participant name -> its branch
@@ -133,6 +149,74 @@ class TransactionCore:
         # A PREPARE or ROLLBACK PREPARED went unanswered or failed: a branch
         # may be left prepared for recovery.
         self._maybe_prepared = False
+        if timeout is None:
+            timeout = tm.config.transaction_timeout
+        elif not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        # The deadline (time.monotonic()) covers everything up to the decision.
+        # ``run_deadline`` is what the front ends bound each request by: the
+        # same until the commit point, None after it (step_timeout and recovery
+        # rule from there on).
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.run_deadline = self.deadline
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed (never, without one)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def timeout_error(self, what: str) -> TransactionTimeout:
+        assert self.timeout is not None
+        return TransactionTimeout(
+            f"transaction {self.txid} rolled back, nothing was committed: its deadline of "
+            f"{self.timeout:g}s passed {what}; give it more time with "
+            "tm.transaction(timeout=…) or [transaction] timeout, or find what it waited for "
+            "(`txmgr status` shows waits)",
+            txid=self.txid, timeout=self.timeout,
+        )
+
+    def _begin_query(self, conn: AnyBranchConnection) -> bytes:
+        """BEGIN, the marker the vote checks, the tag, and the deadline's server-side
+        limits, in one statement (one round trip)."""
+        return (_BEGIN + literal(self.txid, conn) + b", true), current_user, "
+                + _tag.begin_fragment(self.txid, conn)
+                + self._limits(conn, b"idle_in_transaction_session_timeout"))
+
+    def _limits(self, conn: AnyBranchConnection, *settings: bytes) -> bytes:
+        """Select-list items that limit the branch's statements (and ``settings``) to
+        what is left of the deadline, from now: the server ends a statement that
+        outlives it by itself (57014), and the front end cancels at the deadline
+        (a server that does not answer enforces nothing)."""
+        if self.deadline is None:
+            return b""
+        left = literal(str(max(1, math.ceil((self.deadline - time.monotonic()) * 1000))), conn)
+        return b"".join(b", set_config('" + name + b"', " + left + b", true)"
+                        for name in (b"statement_timeout", *settings))
+
+    def explain(self, error: BaseException) -> Step[BaseException | None]:
+        """After a rollback caused by ``error`` (raised in the application's block):
+        the txmgr error it stands for, if any — the deadline passed, or the
+        deadlock detector cancelled this transaction's statement."""
+        if self.expired():
+            return self.timeout_error("while it was running")
+        # SQLAlchemy wraps the driver's error (``.orig``).
+        if not isinstance(error, psycopg.errors.QueryCanceled) and not isinstance(
+            getattr(error, "orig", None), psycopg.errors.QueryCanceled
+        ):
+            return None
+        try:
+            verdict = yield from take_verdict(self.txid)
+        except Exception as e:  # the log cannot tell: the cancel stays what it was
+            logger.warning("txid=%s: could not ask the log why a statement was cancelled: %s",
+                           self.txid, e)
+            return None
+        if verdict is None:
+            return None  # cancelled by someone else (pg_cancel_backend by hand)
+        return DeadlockDetected(
+            f"transaction {self.txid} rolled back, nothing was committed: it was the "
+            f"victim of a deadlock across servers: {verdict.detail}; run it again",
+            txid=self.txid, others=verdict.others, relations=verdict.relations,
+        )
 
     def require(self, state: TransactionState, call: str) -> None:
         if self.state is not state:
@@ -152,7 +236,7 @@ class TransactionCore:
         for attempt in (1, 2):
             conn = yield from checkout(name)
             try:
-                job = Job(conn, _BEGIN + literal(self.txid, conn) + b", true), current_user")
+                job = Job(conn, self._begin_query(conn))
                 yield Run([job])
                 if job.error is not None:
                     raise job.error
@@ -160,7 +244,7 @@ class TransactionCore:
                 yield Release(name, conn)
                 if not isinstance(e, psycopg.OperationalError):
                     raise
-                if attempt == 2:
+                if attempt == 2 or self.expired():
                     raise ParticipantUnavailable(
                         f"participant {name!r} dropped the connection: {e}", participant=name
                     ) from e
@@ -170,6 +254,9 @@ class TransactionCore:
                 yield Release(name, conn)
                 return existing
             conn._txmgr_branch = name
+            conn._txmgr_deadline = (
+                None if self.deadline is None else (self.deadline, self.txid, self.timeout or 0.0)
+            )
             role = job.rows[-1][1] if job.rows else None
             branch = self.branches[name] = Branch(name, conn, role)
             return branch
@@ -218,6 +305,8 @@ class TransactionCore:
         branches = list(self.branches.values())
         for b in branches:
             b.conn._txmgr_branch = None  # txmgr drives the connections from now on
+        if self.expired():
+            yield from self._abort("before the commit began", None)
         yield from self._check_usable(branches)
         try:
             failpoints.fire("before_vote")
@@ -242,11 +331,14 @@ class TransactionCore:
     ) -> Step[None]:
         tm = self.tm
         # The log participant's branch may become L: its vote sets what L needs.
-        log_vote = (
-            decision_settings(tm.config.log_idle_timeout) + _VOTE_QUERY
-            if tm.log_participant is not None and tm.config.paxos_log is None else _VOTE_QUERY
+        log_settings = (
+            decision_settings(tm.config.log_idle_timeout)
+            if tm.log_participant is not None and tm.config.paxos_log is None else b""
         )
-        jobs = [Job(b.conn, log_vote if b.name == tm.log_participant else _VOTE_QUERY)
+        jobs = [Job(b.conn, (log_settings if b.name == tm.log_participant else b"")
+                    + _VOTE_QUERY + b", " + _tag.vote_fragment(self.txid, b.conn)
+                    # the PREPARE after it may take what is left, no more
+                    + self._limits(b.conn))
                 for b in branches]
         log_job = None
         if decision is not None:
@@ -339,7 +431,7 @@ class TransactionCore:
         if job.error is not None:
             return job.error if isinstance(job.error, Exception) else RuntimeError(job.error)
         assert job.rows is not None
-        xid, marker, b.role_at_vote = job.rows[-1]
+        xid, marker, b.role_at_vote = job.rows[-1][:3]
         if marker != self.txid:  # ended by hand, and a new transaction begun since
             return _ManualEnd()
         b.xid = int(xid) if xid is not None else None
@@ -356,6 +448,11 @@ class TransactionCore:
             if decision is not None:
                 yield from decision.cancel()
             yield from self._abort(f"failpoint before_one_phase: {fp_error}", fp_error)
+        if self.expired():
+            if decision is not None:
+                yield from decision.cancel()
+            yield from self._abort("before the decision", None)
+        self.run_deadline = None  # the COMMIT below is the decision
         jobs = []
         if decision is not None and decision.conn is not None:
             jobs.append(Job(decision.conn, b"ROLLBACK"))  # L was not needed
@@ -429,6 +526,10 @@ class TransactionCore:
         except Exception as e:
             yield from decision.cancel()
             yield from self._abort(f"the before_decision hook failed: {e}", e)
+        if self.expired():
+            yield from decision.cancel()
+            yield from self._abort("before the decision", None)
+        self.run_deadline = None  # committing L is the decision
         yield from self._decide(decision, to_prepare, patience)
         _quiet_hook(_after_decision, tm.hooks, self.txid, lxid)
         yield from self._commit_prepared(to_prepare, readers)
@@ -488,6 +589,9 @@ class TransactionCore:
             tm.hooks.before_decision(self.txid, 0)  # no lxid in Paxos mode
         except Exception as e:
             yield from self._abort_unproposed(f"the before_decision hook failed: {e}", e)
+        if self.expired():
+            yield from self._abort_unproposed("before the decision", None)
+        self.run_deadline = None
         try:
             outcome = yield from paxos_propose(self.txid, voters, [b.name for b in to_prepare])
         except Exception as e:  # the branches are prepared: only recovery can tell
@@ -685,6 +789,10 @@ class TransactionCore:
         """Roll back every branch (prepared or not) and raise TransactionAborted."""
         yield from self._rollback_branches(self.branches.values())
         self.state = TransactionState.ROLLED_BACK
+        if self.expired():  # whatever failed, the deadline is why
+            raise self.timeout_error(
+                message if message.startswith("before") else f"while committing ({message})"
+            ) from cause
         if isinstance(cause, TransactionAborted):
             raise cause
         raise TransactionAborted(
@@ -720,6 +828,27 @@ class TransactionCore:
                 yield Release(b.name, b.conn)
             except Exception as e:  # one bad connection must not strand the others
                 logger.warning("participant=%s: could not return a connection: %s", b.name, e)
+
+
+#: Seconds past a deadline the front ends give a server to end a statement
+#: itself (the statement_timeout the core sets, a cancel request) before they
+#: close its connection: a statement ended by the server leaves nothing behind,
+#: a PREPARE cut off by a closed connection may leave a branch for recovery.
+CANCEL_GRACE = 2.0
+
+
+def step_limit(step_timeout: float | None, core: TransactionCore
+               ) -> tuple[float | None, float | None]:
+    """(timeout, cancel_after) of a request of ``core`` (see
+    :func:`txmgr._multiplex.run_all`): step_timeout and, until the commit point,
+    a cancel request at the deadline and the connection closed
+    :data:`CANCEL_GRACE` seconds later."""
+    deadline = core.run_deadline
+    if deadline is None:
+        return step_timeout, None
+    left = max(deadline - time.monotonic(), 0.0)
+    timeout = left + CANCEL_GRACE
+    return (timeout if step_timeout is None else min(timeout, step_timeout)), left
 
 
 _VOTE_QUERY = (

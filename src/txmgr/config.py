@@ -23,6 +23,12 @@ A file looks like::
     [recovery]
     interval = 10
 
+    [transaction]
+    timeout = 30        # seconds from tm.transaction() to the decision; default: none
+
+    [deadlock]
+    interval = 1        # seconds between the daemon's deadlock-detector passes
+
     [metrics]
     port = 9187
     address = "127.0.0.1"
@@ -85,6 +91,11 @@ class Config:
     #: server session would run one client's statement for another.
     prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD
     recovery_interval: float = 10.0
+    #: Default deadline of a global transaction, seconds from ``tm.transaction()``
+    #: to its decision (``tm.transaction(timeout=…)`` overrides it); None: no deadline.
+    transaction_timeout: float | None = None
+    #: Seconds between two passes of the daemon's distributed deadlock detector.
+    deadlock_interval: float = 1.0
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     source: str | None = field(default=None, compare=False)
@@ -129,6 +140,9 @@ class Config:
                 "(executions before psycopg prepares a query on the server) or \"off\" "
                 "(never; what a connection through a pooler always gets)"
             )
+        if self.transaction_timeout is not None:
+            _positive("[transaction] timeout", self.transaction_timeout)
+        _positive("[deadlock] interval", self.deadlock_interval)
         if self.pool_min_size < 0 or self.pool_max_size < max(1, self.pool_min_size):
             raise ConfigError(
                 f"pool sizes min_size={self.pool_min_size}, max_size={self.pool_max_size}: "
@@ -182,7 +196,8 @@ class Config:
     def from_mapping(cls, data: Mapping[str, Any], *, source: str | None = None) -> Config:
         """Build a Config from parsed TOML data."""
         where = f" in {source}" if source else ""
-        _only(data, {"log", "participants", "pool", "recovery", "metrics"}, "top level", where)
+        _only(data, {"log", "participants", "pool", "recovery", "metrics", "transaction",
+                     "deadlock"}, "top level", where)
         log = _table(data, "log", where)
         _only(log, {"dsn", "participant", "idle_timeout", "mode", "dsns"}, "[log]", where)
         mode = log.get("mode", "single")
@@ -222,6 +237,10 @@ class Config:
         _only(recovery, {"interval"}, "[recovery]", where)
         metrics = _table(data, "metrics", where, required=False)
         _only(metrics, {"port", "address"}, "[metrics]", where)
+        transaction = _table(data, "transaction", where, required=False)
+        _only(transaction, {"timeout"}, "[transaction]", where)
+        deadlock = _table(data, "deadlock", where, required=False)
+        _only(deadlock, {"interval"}, "[deadlock]", where)
         try:
             connect_timeout = float(pool.get("connect_timeout", 10.0))
             threshold = _prepare_threshold(pool, where)
@@ -241,6 +260,9 @@ class Config:
                               else None),
                 prepare_threshold=threshold,
                 recovery_interval=float(recovery.get("interval", 10.0)),
+                transaction_timeout=(float(transaction["timeout"]) if "timeout" in transaction
+                                     else None),
+                deadlock_interval=float(deadlock.get("interval", 1.0)),
                 metrics_port=int(metrics["port"]) if "port" in metrics else None,
                 metrics_address=str(metrics.get("address", "127.0.0.1")),
                 source=source,

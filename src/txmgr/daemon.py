@@ -13,6 +13,11 @@ Each step of the loop:
 3. with metrics served, a :class:`~txmgr.status.Inspector` look sets the
    in-doubt gauges (what is left prepared after the pass).
 
+Beside the loop, while this daemon is active, a thread runs a
+:class:`~txmgr.deadlock.Detector` pass every ``[deadlock] interval`` seconds
+(default 1): cycles of waits across participants are broken within about
+two intervals, whatever the recovery interval.
+
 Steps start ``interval * uniform(0.8, 1.0)`` apart, so several daemons drift
 apart and a standby tries within one interval of the active daemon's death.
 While the log is unreachable, retries back off exponentially from
@@ -39,6 +44,7 @@ from typing import Protocol
 from txmgr._dsn import mask
 from txmgr._leader import LeaderLock, LeaderState
 from txmgr.config import Config
+from txmgr.deadlock import Detector, DetectorReport
 from txmgr.metrics import DaemonMetrics, MetricsServer
 from txmgr.recovery import Recoverer, RecoveryReport, Resolution
 from txmgr.status import Inspector, StatusReport
@@ -65,6 +71,11 @@ class _Leader(Protocol):
 
     def ensure(self) -> LeaderState: ...
     def release(self) -> None: ...
+
+
+class _Detector(Protocol):
+    def run_pass(self) -> DetectorReport: ...
+    def close(self) -> None: ...
 
 
 class _Inspector(Protocol):
@@ -98,6 +109,7 @@ class Daemon:
         recoverer: _Recoverer | None = None,
         leader: _Leader | None = None,
         inspector: _Inspector | None = None,
+        detector: _Detector | None = None,
     ) -> None:
         self.config = config
         self.interval = float(interval if interval is not None else config.recovery_interval)
@@ -120,6 +132,13 @@ class Daemon:
             dead_peer_after=max(3 * self.interval, 10.0),
         )
         self._inspector = inspector
+        # An injected recoverer means a test drives the loop with fakes: no
+        # deadlock detector then, unless it is given one too.
+        self._detector = detector if detector is not None or recoverer is not None else Detector(
+            config, application_name=f"txmgr-deadlock {os.getpid()}@{socket.gethostname()}"[:63]
+        )
+        self._detector_stop = threading.Event()
+        self._detector_thread: threading.Thread | None = None
         self._server: MetricsServer | None = None
         self._state: LeaderState | None = None  # of the previous step
         self._acquisitions = 0  # the leader's count when we last became active
@@ -152,6 +171,11 @@ class Daemon:
             _describe_log(self.config), sorted(self.config.participants), self.interval,
             extra={"event": "started", "pid": os.getpid()},
         )  # fmt: skip
+        if self._detector is not None:
+            self._detector_thread = threading.Thread(
+                target=self._detect, name="txmgr-deadlock-detector", daemon=True
+            )
+            self._detector_thread.start()
         try:
             while not self.stop.is_set():
                 started = self._clock()
@@ -215,8 +239,35 @@ class Daemon:
         outcome = "committed" if res.outcome == "committed" else "rolled_back"
         self.metrics.resolved.labels(res.participant, outcome).inc()
 
+    def detect_pass(self) -> DetectorReport | None:
+        """One deadlock detector pass if this daemon is active (else None)."""
+        if self._detector is None or not self.active:
+            return None
+        report = self._detector.run_pass()
+        self.metrics.record_detector(report)
+        for source in report.errors:
+            self.metrics.errors.labels(source).inc()
+        return report
+
+    def _detect(self) -> None:
+        while not self._detector_stop.is_set():
+            try:
+                self.detect_pass()
+            except Exception:  # never let detection die; report and go on
+                self.metrics.errors.labels("deadlock").inc()
+                logger.exception("unexpected error in a deadlock detector pass",
+                                 extra={"event": "error", "source": "deadlock"})
+            if self._detector_stop.wait(self.config.deadlock_interval):
+                return
+
     def close(self) -> None:
         """Release the lock and close every connection and the metrics server."""
+        self._detector_stop.set()
+        if self._detector_thread is not None:
+            self._detector_thread.join()
+            self._detector_thread = None
+        if self._detector is not None:
+            self._detector.close()
         self._leader.release()
         self._recoverer.close()
         if self._inspector is not None:

@@ -25,6 +25,8 @@ The tree::
     │   ├── ManualTransactionControl COMMIT/ROLLBACK issued by hand inside a branch
     │   └── RoleChangeInBranch       SET ROLE / SET SESSION AUTHORIZATION inside a branch
     ├── TransactionAborted           the transaction rolled back; nothing committed
+    │   ├── DeadlockDetected         chosen as the victim of a wait-for cycle across servers
+    │   └── TransactionTimeout       the transaction's deadline passed before its decision
     ├── OutcomeUnknown               the decision could not be confirmed; recovery finishes it
     ├── HeuristicMixed               committed, but another session rolled a branch back
     └── ResolveError                 `txmgr resolve` did not finish a branch
@@ -43,6 +45,7 @@ __all__ = [
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",
+    "DeadlockDetected",
     "HeuristicMixed",
     "InvalidParticipantName",
     "LogCopied",
@@ -61,6 +64,7 @@ __all__ = [
     "RoleChangeInBranch",
     "TransactionAborted",
     "TransactionStateError",
+    "TransactionTimeout",
     "TxmgrError",
     "UnknownParticipant",
     "UnsupportedPoolMode",
@@ -97,7 +101,7 @@ def _sqlstates(error: BaseException) -> set[str]:
 def is_timeout(error: BaseException) -> bool:
     """Whether ``error`` is a timeout: a TxmgrError that says so (``timeout``), or
     one caused by a server-side statement or lock timeout (:data:`TIMEOUT_SQLSTATES`)."""
-    if isinstance(error, TxmgrError) and type(error).timeout:
+    if isinstance(error, TxmgrError) and type(error).timeout_class:
         return True
     if isinstance(error, OutcomeUnknown):
         return False
@@ -111,13 +115,13 @@ class TxmgrError(Exception):
     (:func:`txmgr.run_transaction` reruns exactly these). Only an aborted
     transaction can be: everything else needs a fix first, and an
     OutcomeUnknown may have committed. A subclass sets ``retryable_class``
-    (e.g. a deadlock victim) or ``timeout`` (retried only when asked).
+    (a deadlock victim) or ``timeout_class`` (retried only when asked).
     """
 
     #: Every error of this class is retryable (overrides the SQLSTATE rule).
     retryable_class: ClassVar[bool] = False
     #: Every error of this class is a timeout (see :func:`is_timeout`).
-    timeout: ClassVar[bool] = False
+    timeout_class: ClassVar[bool] = False
 
     @property
     def retryable(self) -> bool:
@@ -260,6 +264,44 @@ class TransactionAborted(TxmgrError):
         """True when a branch was a server's serialization or deadlock victim
         (SQLSTATE 40001 or 40P01 anywhere in ``__cause__``), or the class says so."""
         return type(self).retryable_class or bool(_sqlstates(self) & RETRYABLE_SQLSTATES)
+
+
+class DeadlockDetected(TransactionAborted):
+    """The deadlock detector chose this transaction as the victim of a wait-for cycle.
+
+    Each server saw only a wait; together the waits formed a cycle that no server
+    could break. The detector cancelled this transaction's waiting statement (it
+    was the youngest of the cycle); every branch was rolled back and the others
+    of the cycle go on. ``others`` are the txids (or ``pid N on participant``
+    for sessions that are not txmgr's) it waited for, ``relations`` the tables
+    involved. Running the transaction again is safe.
+    """
+
+    retryable_class = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        txid: str | None = None,
+        others: tuple[str, ...] = (),
+        relations: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, txid=txid)
+        self.others = others
+        self.relations = relations
+
+
+class TransactionTimeout(TransactionAborted):
+    """The transaction's deadline (``tm.transaction(timeout=…)``, or ``[transaction]
+    timeout``) passed before its decision: every branch was rolled back.
+    Retried by :func:`txmgr.run_transaction` only with ``timeouts=True``."""
+
+    timeout_class = True
+
+    def __init__(self, message: str, *, txid: str | None = None, timeout: float) -> None:
+        super().__init__(message, txid=txid)
+        self.timeout = timeout
 
 
 class OutcomeUnknown(TxmgrError):

@@ -67,7 +67,9 @@ __all__ = [
 #: Revision 0005 binds the log id to its database; a log below it still works
 #: (without the copy check) so that txmgr can be upgraded before its logs are
 #: migrated (the other order stops older coordinators: "migrated by a newer txmgr").
-SCHEMA_REVISION = "0005"
+#: Nor does it demand 0006 (without its verdict table a deadlock victim sees a
+#: plain cancel, see txmgr._verdict).
+SCHEMA_REVISION = "0006"
 MIN_SCHEMA_REVISION = "0002"
 VERSION_TABLE = "txmgr_alembic_version"
 

@@ -19,6 +19,7 @@ import psycopg
 import psycopg_pool
 
 from txmgr import log as decision_log
+from txmgr._deadline import Reaper
 from txmgr._manager_base import FORGET_BATCH, ManagerBase
 from txmgr.config import Config
 from txmgr.errors import ConfigError, ParticipantUnavailable
@@ -54,6 +55,7 @@ class TransactionManager(ManagerBase[Participant]):
         super()._init(config, hooks)
         self._lock = threading.Lock()
         self._log_pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._reaper: Reaper | None = None
 
     def _new_participant(self, name: str, dsn: str) -> Participant:
         return Participant(
@@ -67,11 +69,24 @@ class TransactionManager(ManagerBase[Participant]):
 
     # -- public API ---------------------------------------------------------
 
-    def transaction(self) -> Transaction:
-        """A new global transaction; use it as a context manager."""
+    def transaction(self, *, timeout: float | None = None) -> Transaction:
+        """A new global transaction; use it as a context manager.
+
+        ``timeout``: seconds from now to its decision (default: the config's
+        ``[transaction] timeout``, else none); past it every branch is rolled
+        back and the block raises :class:`~txmgr.errors.TransactionTimeout`.
+        """
         self._require_open("transaction()")
         self._check_log()  # fail before any work when the log is unusable
-        return Transaction(self)
+        return Transaction(self, timeout)
+
+    def reaper(self) -> Reaper:
+        """The thread that ends transactions at their deadline (started on first use)."""
+        if self._reaper is None:
+            with self._lock:
+                if self._reaper is None:
+                    self._reaper = Reaper()
+        return self._reaper
 
     def _check_log(self) -> None:
         if self.config.paxos_log is None:
@@ -110,6 +125,8 @@ class TransactionManager(ManagerBase[Participant]):
             self._flush_forget()
         except Exception as e:  # closing must not fail; the daemon cleans up
             logger.warning("could not delete finished decision rows on close: %s", e)
+        if self._reaper is not None:
+            self._reaper.close()
         for p in self._participants.values():
             p.close()
         if self._log_pool is not None:

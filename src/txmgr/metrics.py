@@ -21,6 +21,10 @@ Metric names (all prefixed ``txmgr_``):
 ``decision_rows``                         decision rows waiting for cleanup (Paxos
                                           mode: transactions with slots, per pass)
 ``daemon_active``                         1 when this daemon holds the recovery lock
+``deadlocks_detected_total``              wait-for cycles across participants found
+``deadlock_victims_cancelled_total``      transactions cancelled to break them
+``deadlock_pass_duration_seconds``        histogram of the detector's passes
+``lock_waits``                            branches waiting for a lock at the last pass
 ========================================  =====================================================
 
 One metric belongs to the coordinator, in the process's default registry (the
@@ -40,6 +44,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from txmgr.deadlock import DetectorReport
 from txmgr.errors import ConfigError
 from txmgr.status import StatusReport
 
@@ -109,6 +114,10 @@ class DaemonMetrics:
     log_up: Gauge
     decision_rows: Gauge
     active: Gauge
+    deadlocks: Counter
+    victims: Counter
+    detector_duration: Histogram
+    lock_waits: Gauge
 
     def __init__(self, participants: Iterable[str], registry: CollectorRegistry | None = None):
         self.participants = list(participants)
@@ -121,6 +130,7 @@ class DaemonMetrics:
             self.in_doubt = self.oldest = self.participant_up = null
             self.log_up = self.decision_rows = self.active = null
             self.resolved = self.passes = self.errors = self.pass_duration = null
+            self.deadlocks = self.victims = self.detector_duration = self.lock_waits = null
             return
         r = self._registry = registry if registry is not None else prom.CollectorRegistry()
         self.in_doubt = prom.Gauge(
@@ -170,6 +180,22 @@ class DaemonMetrics:
         self.active = prom.Gauge(
             "txmgr_daemon_active", "1 when this daemon holds the recovery lock", registry=r
         )
+        self.deadlocks = prom.Counter(
+            "txmgr_deadlocks_detected",
+            "Wait-for cycles across participants the deadlock detector found", registry=r,
+        )
+        self.victims = prom.Counter(
+            "txmgr_deadlock_victims_cancelled",
+            "Transactions the deadlock detector cancelled to break a cycle", registry=r,
+        )
+        self.detector_duration = prom.Histogram(
+            "txmgr_deadlock_pass_duration_seconds", "Duration of deadlock detector passes",
+            buckets=_PASS_BUCKETS, registry=r,
+        )
+        self.lock_waits = prom.Gauge(
+            "txmgr_lock_waits", "Sessions waiting for a lock on a participant at the "
+            "detector's last pass", registry=r,
+        )
         for name in self.participants:
             self.oldest.labels(name).set(0)
             for outcome in ("committed", "rolled_back"):
@@ -182,6 +208,13 @@ class DaemonMetrics:
             require_prometheus()  # raises: the package is missing
         assert self._registry is not None
         return self._registry
+
+    def record_detector(self, report: DetectorReport) -> None:
+        """Count what one deadlock detector pass found and did."""
+        self.deadlocks.inc(len(report.deadlocks))
+        self.victims.inc(len(report.cancelled))
+        self.detector_duration.observe(report.duration)
+        self.lock_waits.set(len({(w.participant, w.pid) for w in report.waits}))
 
     def record_status(self, report: StatusReport) -> None:
         """Set the in-doubt gauges from a fresh :class:`StatusReport`."""

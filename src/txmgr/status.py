@@ -44,7 +44,9 @@ from txmgr._connections import LOG_KEY, ConnectionCache
 from txmgr._dsn import redact
 from txmgr._gid import Gid
 from txmgr._primary import require_primary
+from txmgr._waitgraph import Backend, Wait, WaitGraph
 from txmgr.config import Config
+from txmgr.deadlock import read_backends
 from txmgr.errors import TxmgrError
 from txmgr.paxos._core import Outcome as PaxosOutcome
 from txmgr.paxos._gid import PaxosGid
@@ -244,6 +246,8 @@ class StatusReport:
     #: Paxos mode: the in-doubt transactions, and every log database's slot count.
     paxos: list[PaxosTransaction] = field(default_factory=list)
     acceptor_slots: dict[str, int | None] = field(default_factory=dict)  # dsn -> slots
+    #: Who waits for whom on every participant (global transactions by txid).
+    waits: list[Wait] = field(default_factory=list)
 
     @property
     def log_reachable(self) -> bool:
@@ -270,6 +274,7 @@ class StatusReport:
             "stuck": len(self.stuck(older_than)),
             "branches": [b.to_json() for b in self.branches],
             "pending_decisions": [p.to_json() for p in self.pending],
+            "waits": [w.to_json() for w in self.waits],
         }
         if self.mode == "paxos":
             out["paxos"] = {
@@ -346,8 +351,24 @@ class Inspector:
         """Look at every participant and the log now; servers that do not answer are
         reported in the result, not raised."""
         paxos = self.config.paxos_log
-        if paxos is not None:
-            return self._inspect_paxos(paxos)
+        report = self._inspect_paxos(paxos) if paxos is not None else self._inspect_single()
+        report.waits = self._waits(report)
+        return report
+
+    def _waits(self, report: StatusReport) -> list[Wait]:
+        """The lock waits of every participant that answered (see txmgr.deadlock)."""
+        backends: list[Backend] = []
+        for name, dsn in self.config.participants.items():
+            if name in report.unreachable:
+                continue
+            try:
+                backends += read_backends(self._conn(name, dsn, name), name)
+            except (psycopg.Error, TxmgrError) as e:
+                self._drop(name)
+                report.unreachable[name] = redact(str(e))
+        return WaitGraph(backends).waits
+
+    def _inspect_single(self) -> StatusReport:
         report = StatusReport()
         rows: list[decision_log.DecisionRow] = []
         lconn: psycopg.Connection[Any] | None = None

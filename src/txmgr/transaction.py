@@ -16,6 +16,7 @@ import psycopg
 
 from txmgr import _protocol
 from txmgr._branch import BranchConnection
+from txmgr._deadline import Reaper, Timer, cancel_jobs, expire_sync
 from txmgr._multiplex import run_all
 from txmgr._ops import (
     Checkout,
@@ -30,8 +31,10 @@ from txmgr._ops import (
     Run,
     Sleep,
     Step,
+    TakeVerdict,
 )
-from txmgr._protocol import TransactionState
+from txmgr._protocol import TransactionCore, TransactionState
+from txmgr._verdict import Verdict
 from txmgr.log import XactStatus
 from txmgr.participant import Participant
 from txmgr.paxos._log import PaxosLog
@@ -55,6 +58,8 @@ class _Manager(_protocol.Coordinator, Protocol):
     def read_decision(self, lxid: int, txid: str) -> tuple[XactStatus, bool]: ...
     def forget(self, txids: Iterable[str]) -> None: ...
     def paxos(self) -> PaxosLog: ...
+    def reaper(self) -> Reaper: ...
+    def take_verdict(self, txid: str) -> Verdict | None: ...
 
 
 class Transaction:
@@ -63,11 +68,12 @@ class Transaction:
     Not thread-safe: one thread drives one transaction (the manager is shared).
     """
 
-    __slots__ = ("_core", "_tm")
+    __slots__ = ("_core", "_timer", "_tm")
 
-    def __init__(self, tm: _Manager) -> None:
+    def __init__(self, tm: _Manager, timeout: float | None = None) -> None:
         self._tm = tm
-        self._core = _protocol.TransactionCore(tm)
+        self._core = _protocol.TransactionCore(tm, timeout)
+        self._timer: Timer | None = None  # the deadline's, armed with the first branch
 
     @property
     def txid(self) -> str:
@@ -89,28 +95,56 @@ class Transaction:
         core.require(TransactionState.ACTIVE, "connection()")
         branch = core.branches.get(name)
         if branch is None:
-            branch = _drive(self._tm, core.open_branch(name))
+            if self._timer is None and core.deadline is not None:
+                self._timer = self._tm.reaper().schedule(
+                    core.deadline, lambda: expire_sync(core)
+                )
+            branch = _drive(self._tm, core.open_branch(name), core)
         return cast("psycopg.Connection[Any]", branch.conn)  # a string: no runtime cost
 
     def commit(self) -> None:
         """Commit every branch atomically (called by the ``with`` block on success)."""
-        _drive(self._tm, self._core.commit(patience=CONFIRM_PATIENCE))
+        try:
+            _drive(self._tm, self._core.commit(patience=CONFIRM_PATIENCE), self._core)
+        finally:
+            self._disarm()
 
     def rollback(self) -> None:
         """Roll back every branch (called by the ``with`` block on an exception)."""
-        _drive(self._tm, self._core.rollback())
+        try:
+            _drive(self._tm, self._core.rollback(), self._core)
+        finally:
+            self._disarm()
+
+    def explain(self, error: BaseException) -> BaseException | None:
+        """After a rollback because of ``error``: the txmgr error it stands for —
+        :class:`~txmgr.errors.TransactionTimeout` past the deadline,
+        :class:`~txmgr.errors.DeadlockDetected` for a statement the deadlock
+        detector cancelled — or None. (The ``with`` block raises it for you.)"""
+        return _drive(self._tm, self._core.explain(error), self._core)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def __enter__(self) -> Transaction:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is not None:
             self.rollback()
+            # A cancelled statement may have been the deadline or the deadlock
+            # detector: then the application gets that error, caused by this one.
+            better = self.explain(exc)
+            if better is not None:
+                raise better from exc
         elif self._core.state is TransactionState.ACTIVE:
             self.commit()
 
 
-def _drive(tm: _Manager, step: Step[T]) -> T:
+def _drive(tm: _Manager, step: Step[T], core: TransactionCore) -> T:
     """Run a protocol step to its end, performing each request it yields; a
     failed request is raised inside the step, where it was made."""
     result: Any = None
@@ -123,7 +157,8 @@ def _drive(tm: _Manager, step: Step[T]) -> T:
         result = error = None
         try:
             if type(op) is Run:  # most requests are: the cheapest test first
-                run_all(op.jobs, timeout=tm.config.step_timeout)
+                timeout, cancel_after = _protocol.step_limit(tm.config.step_timeout, core)
+                run_all(op.jobs, timeout=timeout, cancel_after=cancel_after, cancel=cancel_jobs)
             else:
                 result = _perform(tm, op)
         except BaseException as e:  # KeyboardInterrupt too: the step cleans up
@@ -146,6 +181,8 @@ def _perform(tm: _Manager, op: Op) -> Any:
             time.sleep(seconds)
         case Forget(txids):
             tm.forget(txids)
+        case TakeVerdict(txid):
+            return tm.take_verdict(txid)
         case PaxosRegister() | PaxosPropose():
             return perform_paxos(tm, op)
     return None

@@ -119,6 +119,8 @@ def _print_table(report: StatusReport, older_than: float) -> None:
             echo("  " + line)
     if report.mode == "paxos":
         _print_paxos(report)
+    if report.waits:
+        _print_waits(report)
     for name, err in report.unreachable.items():
         echo(f"participant {name}: UNREACHABLE: {err}", err=True)
     if report.log_error is not None:
@@ -128,6 +130,25 @@ def _print_table(report: StatusReport, older_than: float) -> None:
     echo(f"{len(report.branches)} prepared, {len(stuck)} older than {format_age(older_than)}")
     for hint in _hints({b.decision for b in stuck}):
         echo(f"  {hint}")
+
+
+def _print_waits(report: StatusReport) -> None:
+    """Who waits for whom: a global transaction by its txid, other sessions by pid."""
+    echo = click.echo
+    echo("")
+    echo(f"lock waits: {len(report.waits)}")
+    rows = [
+        [
+            w.waiter.removeprefix("tx "),
+            f"{w.participant} (pid {w.pid})",
+            w.holder.removeprefix("tx "),
+            ",".join(w.relations) or "-",
+            "-" if w.waited is None else format_age(w.waited),
+        ]
+        for w in report.waits
+    ]
+    for line in _table(["WAITER", "ON", "BLOCKED BY", "TABLES", "FOR"], rows):
+        echo("  " + line)
 
 
 def _print_paxos(report: StatusReport) -> None:

@@ -103,9 +103,12 @@ class SQLAlchemy:
                     engine = self._engines[name] = self._create_engine(name)
         return engine
 
-    def transaction(self) -> SQLAlchemyTransaction:
-        """A new global transaction with SQLAlchemy access; use it as a context manager."""
-        return SQLAlchemyTransaction(self._tm.transaction(), self.engine, self._session_options)
+    def transaction(self, *, timeout: float | None = None) -> SQLAlchemyTransaction:
+        """A new global transaction with SQLAlchemy access; use it as a context manager.
+        ``timeout``: as :meth:`txmgr.TransactionManager.transaction`."""
+        return SQLAlchemyTransaction(
+            self._tm.transaction(timeout=timeout), self.engine, self._session_options
+        )
 
     def sessionmaker(
         self,

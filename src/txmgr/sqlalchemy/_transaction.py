@@ -116,9 +116,14 @@ class SQLAlchemyTransaction:
     def __enter__(self) -> SQLAlchemyTransaction:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is not None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is not None:
             self.rollback()
+            better = self._tx.explain(exc)  # the deadline, or a deadlock victim
+            if better is not None:
+                raise better from exc
         elif self._tx.state is TransactionState.ACTIVE:
             self.commit()
         else:  # ended through .transaction: still let go of SQLAlchemy's objects

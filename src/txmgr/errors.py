@@ -69,7 +69,6 @@ __all__ = [
     "UnknownParticipant",
     "UnsupportedPoolMode",
     "UnsupportedServer",
-    "is_timeout",
 ]
 
 #: SQLSTATEs after which rerunning the whole transaction may succeed: the

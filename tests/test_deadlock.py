@@ -377,3 +377,53 @@ def test_async_the_victim_gets_deadlock_detected(three: Bank, detector: Detector
     assert outcomes == ["DeadlockDetected", "committed"]
     assert three.balance("a") == three.balance("b") == START + 1
     assert three.prepared() == []
+
+
+def test_run_transaction_reruns_the_victim_and_both_commit(
+    three: Bank, detector: Detector
+) -> None:
+    """The detector's victim is retryable: txmgr.run_transaction reruns it after
+    the winner's commit, so both transfers land (each attempt with a deadline)."""
+    tm = three.manager()
+    barrier = threading.Barrier(2)
+    attempts = {"t1": 0, "t2": 0}
+    results: dict[str, BaseException | str] = {}
+    stop = threading.Event()
+
+    def run(name: str, plan: list[tuple[str, int]]) -> None:
+        def fn(tx: txmgr.Transaction) -> None:
+            attempts[name] += 1
+            for i, (participant, account) in enumerate(plan):
+                if i == 1 and attempts[name] == 1:
+                    barrier.wait(GUARD)  # both hold their first lock: a cycle
+                tx.connection(participant).execute(
+                    "UPDATE accounts SET balance = balance + 1 WHERE id = %s", (account,))
+        try:
+            txmgr.run_transaction(tm, fn, timeout=GUARD)
+            results[name] = "committed"
+        except BaseException as e:
+            results[name] = e
+
+    def detect() -> None:
+        while not stop.is_set():
+            detector.run_pass()
+            stop.wait(0.05)
+
+    threads = [threading.Thread(target=run, args=("t1", [("a", 1), ("b", 1)])),
+               threading.Thread(target=run, args=("t2", [("b", 1), ("a", 1)]))]
+    watcher = threading.Thread(target=detect, daemon=True)
+    watcher.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GUARD)
+            assert not t.is_alive(), "a transaction is still blocked"
+    finally:
+        stop.set()
+        watcher.join(GUARD)
+    assert results == {"t1": "committed", "t2": "committed"}
+    assert sorted(attempts.values()) == [1, 2]  # the victim ran twice, the winner once
+    assert three.balance("a") == three.balance("b") == START + 2
+    assert three.prepared() == []
+    tm.close()

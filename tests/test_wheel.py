@@ -32,7 +32,8 @@ from txmgr.testing.pytest_plugin import MakeDatabase
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT = 600  # seconds; pip may have to download the dependencies
 
-pytestmark = pytest.mark.timeout(2 * INSTALL_TIMEOUT)
+# One worker runs them all (pytest-xdist), so the module's venv is built once.
+pytestmark = [pytest.mark.timeout(2 * INSTALL_TIMEOUT), pytest.mark.xdist_group("wheel")]
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def run_transaction(
     fn: Callable[[Transaction], T],
     *,
     max_attempts: int = MAX_ATTEMPTS,
+    timeout: float | None = None,
     retry_timeouts: bool = False,
     initial_delay: float = INITIAL_DELAY,
     max_delay: float = MAX_DELAY,
@@ -125,6 +126,9 @@ def run_transaction(
     """Run ``fn(tx)`` in a global transaction of ``tm``, committed when it returns;
     rerun it (in a new transaction) after a retryable error, at most
     ``max_attempts`` times in all; return what the committed run returned.
+    ``timeout`` is each attempt's deadline (``tm.transaction(timeout=…)``; None:
+    the manager's default); with ``retry_timeouts`` an attempt that ran out of
+    time is rerun too.
 
     The last error is raised as is (with a note saying how many attempts were
     made). ``sleep`` and ``random`` are for tests.
@@ -133,7 +137,7 @@ def run_transaction(
     attempt = 1
     while True:
         try:
-            with tm.transaction() as tx:
+            with tm.transaction(timeout=timeout) as tx:
                 return fn(tx)
         except Exception as e:
             delay = policy.delay_after(e, attempt)
@@ -146,6 +150,7 @@ async def arun_transaction(
     fn: Callable[[AsyncTransaction], Awaitable[T]],
     *,
     max_attempts: int = MAX_ATTEMPTS,
+    timeout: float | None = None,
     retry_timeouts: bool = False,
     initial_delay: float = INITIAL_DELAY,
     max_delay: float = MAX_DELAY,
@@ -157,7 +162,7 @@ async def arun_transaction(
     attempt = 1
     while True:
         try:
-            async with tm.transaction() as tx:
+            async with tm.transaction(timeout=timeout) as tx:
                 return await fn(tx)
         except Exception as e:
             delay = policy.delay_after(e, attempt)

@@ -294,7 +294,7 @@ class DeadlockDetected(TransactionAborted):
 class TransactionTimeout(TransactionAborted):
     """The transaction's deadline (``tm.transaction(timeout=…)``, or ``[transaction]
     timeout``) passed before its decision: every branch was rolled back.
-    Retried by :func:`txmgr.run_transaction` only with ``timeouts=True``."""
+    Retried by :func:`txmgr.run_transaction` only with ``retry_timeouts=True``."""
 
     timeout_class = True
 

@@ -157,7 +157,10 @@ def run(
     hooks = _VoterHooks()
     tm = TransactionManager(
         participants,
-        PaxosLog(log, connect_timeout=spec["connect_timeout"], pool_max_size=2 * threads + 2)
+        # A frozen (SIGSTOPped) client counts as dead after the same time in
+        # both modes: its liveness lock ends like the default mode's L does.
+        PaxosLog(log, connect_timeout=spec["connect_timeout"], pool_max_size=2 * threads + 2,
+                 beacon_timeout=spec["log_idle_timeout"])
         if isinstance(log, list) else log,
         pool_min_size=1,
         pool_max_size=threads + 1,

@@ -250,7 +250,9 @@ class PaxosFaults:
         silent one). So the wipe waits, with the clients frozen (SIGSTOP), until
         the daemons have finished or forgotten every transaction — no slot left
         on any log database — cuts the victim off at its proxy, checks again,
-        and only then drops it. The frozen coordinators wake up to a log
+        and only then drops it. (A frozen coordinator's transactions are
+        decided once its liveness lock ends, after the clients' beacon_timeout,
+        which the torture sets to the log idle timeout.) The frozen coordinators wake up to a log
         database with a new incarnation, their transactions decided by recovery.
         """
         self._restore_background()

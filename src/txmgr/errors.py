@@ -40,8 +40,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
-    "RETRYABLE_SQLSTATES",
-    "TIMEOUT_SQLSTATES",
     "AmbiguousBranch",
     "BranchNotFound",
     "ConfigError",

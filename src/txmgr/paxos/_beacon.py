@@ -26,8 +26,11 @@ a *beacon*:
 
 A coordinator that hangs (SIGSTOP, a stuck machine) must not hold its
 transactions forever: the beacon transaction runs with
-``idle_in_transaction_session_timeout = timeout``, and a thread touches
-each beacon every ``timeout / 3`` seconds. A process that stops running
+``idle_in_transaction_session_timeout = timeout``, and a thread per log
+database touches its beacons every ``timeout / 3`` seconds (one per database,
+so that a database that does not answer, whose touch or reconnect blocks,
+cannot keep the others' beacons from their touch: they would all expire and a
+live coordinator would look gone). A process that stops running
 loses its beacons after ``timeout``, as the default mode's ``L`` is ended by
 the server after the log's idle timeout. The thread also reopens a beacon
 lost with its database (a restart), under the same key.
@@ -61,6 +64,7 @@ import psycopg
 from psycopg import sql
 
 from txmgr._dsn import mask, redact
+from txmgr.participant import network_defaults
 from txmgr.paxos._core import Voters
 
 __all__ = ["Beacon", "CoordinatorState", "coordinator_state", "may_decide"]
@@ -123,7 +127,7 @@ class Beacon:
         self._retired: list[_Generation] = []
         self._by_txid: dict[str, _Generation] = {}
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def key(self) -> int:
         """The key to register transactions under now; its beacons are held on
@@ -180,9 +184,9 @@ class Beacon:
     def close(self) -> None:
         """End every beacon (the process's transactions are over)."""
         self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
         with self._lock:
             gens = [*self._retired, *([self._current] if self._current else [])]
             self._current, self._retired, self._by_txid = None, [], {}
@@ -195,8 +199,12 @@ class Beacon:
 
     def _open(self, dsn: str, key: int) -> psycopg.Connection[Any] | None:
         try:
-            conn = psycopg.connect(dsn, connect_timeout=max(1, round(self._connect_timeout)),
-                                   application_name="txmgr beacon", prepare_threshold=None)
+            options: dict[str, Any] = {
+                **network_defaults(dsn),  # a touch on a silent host ends
+                "connect_timeout": max(1, round(self._connect_timeout)),
+                "application_name": "txmgr beacon",
+            }
+            conn = psycopg.connect(dsn, prepare_threshold=None, **options)
         except psycopg.Error as e:
             logger.warning("no liveness beacon on Paxos log database %s (recovery falls back "
                            "to its grace period there): %s", mask(dsn), redact(str(e)))
@@ -216,28 +224,33 @@ class Beacon:
 
     def _start_thread(self) -> None:
         with self._lock:
-            if self._thread is not None or self._stop.is_set():
+            if self._threads or self._stop.is_set():
                 return
-            self._thread = threading.Thread(target=self._run, name="txmgr-paxos-beacon",
-                                            daemon=True)
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._run, args=(i,), name=f"txmgr-paxos-beacon-{i}",
+                                 daemon=True)
+                for i in range(len(self._dsns))
+            ]
+            for thread in self._threads:
+                thread.start()
 
-    def _run(self) -> None:
-        """Touch every beacon well within its idle timeout; reopen the lost ones."""
+    def _run(self, i: int) -> None:
+        """Touch the beacons on log database ``i`` well within their idle timeout;
+        reopen the lost ones. Only this thread reopens a beacon of a published
+        generation on that database (so no second lock on one key waits)."""
         while not self._stop.wait(self._timeout / 3):
             with self._lock:
                 gens = [*self._retired, *([self._current] if self._current else [])]
             for gen in gens:
-                for i, conn in enumerate(gen.conns):
-                    if conn is not None and not conn.closed:
-                        try:
-                            conn.execute("SELECT 1")
-                            continue
-                        except psycopg.Error:
-                            _close(conn)
-                    if not gen.retired:  # a retired key's beacons only ever end
-                        with self._open_lock:
-                            gen.conns[i] = self._open(self._dsns[i], gen.key)
+                conn = gen.conns[i]
+                if conn is not None and not conn.closed:
+                    try:
+                        conn.execute("SELECT 1")
+                        continue
+                    except psycopg.Error:
+                        _close(conn)
+                if not gen.retired:  # a retired key's beacons only ever end
+                    gen.conns[i] = self._open(self._dsns[i], gen.key)
 
 
 def _close(conn: psycopg.Connection[Any] | None) -> None:

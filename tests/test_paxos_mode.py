@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -710,6 +711,34 @@ def test_a_hung_coordinator_loses_its_liveness_lock_after_the_beacon_timeout(
     # The coordinator comes back: its ballot 0 is refused (the slots went with
     # the rolled-back branches), it learns that commit can never be chosen.
     assert hung.propose_commit(txid, voters, ["a", "b"]).rolls_back
+
+
+def test_a_silent_log_database_does_not_end_the_beacons_on_the_others(
+    acceptors: list[str], closing: list[Any], proxies: list[FaultProxy],
+) -> None:
+    """One log database stops answering (its proxy swallows the beacon's touch: a
+    host that still acknowledges TCP). Its beacon ends there; the beacons on the
+    other two must still be touched, so the coordinator stays alive. (One thread
+    used to touch every beacon in turn: it hung on the silent database, every
+    beacon expired after beacon_timeout, and recovery aborted the live
+    coordinator's transactions, as the Paxos torture showed.)"""
+    coordinator = txmgr.PaxosLog([proxied(proxies, acceptors[0]), *acceptors[1:]],
+                                 connect_timeout=5, beacon_timeout=1)
+    closing.append(coordinator)
+    txid, _ = coordinator.take()
+    observer = paxos_log(closing, acceptors)
+
+    def alive() -> list[bool | None]:
+        return [st.alive.get(txid) for st in observer.slots([txid])]
+
+    assert alive() == [True, True, True]
+    proxies[0].add_rule(r"^SELECT 1$", "blackhole", times=None)
+    wait_for(lambda: alive()[0] is False, what="the silent database to end its beacon")
+    # Three beacon timeouts more: the other two stay held throughout.
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        assert alive()[1:] == [True, True]
+    proxies[0].drop_all()  # the stuck touch ends; the thread closes that beacon
 
 
 def test_a_transaction_its_live_coordinator_gave_up_is_decided_by_recovery(

@@ -58,6 +58,26 @@ def test_a_deadline_ends_a_lock_wait_and_rolls_every_branch_back(bank: Bank) -> 
     assert bank.prepared() == []
 
 
+def _timeouts_count() -> float:
+    prom = pytest.importorskip("prometheus_client")
+    return prom.REGISTRY.get_sample_value("txmgr_transaction_timeouts_total") or 0.0
+
+
+def test_a_deadline_expiry_counts_one_transaction_timeout(bank: Bank) -> None:
+    before = _timeouts_count()
+    tm = bank.manager()
+    with psycopg.connect(bank.dsns["a"]) as holder:
+        holder.execute(UPDATE)  # holds account 1 on a
+        with pytest.raises(txmgr.TransactionTimeout):
+            with tm.transaction(timeout=1) as tx:
+                tx.connection("a").execute(UPDATE)  # waits for the holder
+        holder.rollback()
+    assert _timeouts_count() == before + 1
+    with tm.transaction(timeout=60) as tx:  # a transaction in time counts nothing
+        tx.connection("a").execute(UPDATE)
+    assert _timeouts_count() == before + 1
+
+
 def test_the_config_default_applies_and_an_argument_overrides_it(bank: Bank) -> None:
     config = txmgr.Config(participants=bank.dsns, log=bank.log, transaction_timeout=1)
     tm = txmgr.TransactionManager.from_config(config)

@@ -58,6 +58,7 @@ from txmgr._ops import (
     paxos_register,
     take_verdict,
 )
+from txmgr._timeouts import count_transaction_timeout
 from txmgr.config import Config
 from txmgr.errors import (
     DeadlockDetected,
@@ -166,7 +167,9 @@ class TransactionCore:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def timeout_error(self, what: str) -> TransactionTimeout:
+        """The error the coordinator raises for this expired deadline (counted)."""
         assert self.timeout is not None
+        _quiet_hook(count_transaction_timeout)
         return TransactionTimeout(
             f"transaction {self.txid} rolled back, nothing was committed: its deadline of "
             f"{self.timeout:g}s passed {what}; give it more time with "

@@ -27,11 +27,13 @@ Metric names (all prefixed ``txmgr_``):
 ``lock_waits``                            branches waiting for a lock at the last pass
 ========================================  =====================================================
 
-One metric belongs to the coordinator, in the process's default registry (the
+Two metrics belong to the coordinator, in the process's default registry (the
 one an application already serves), when prometheus_client is installed:
 ``txmgr_heuristic_mixed_branches_total{participant}`` counts branches that
 another session rolled back although the decision was commit (see
-:class:`~txmgr.errors.HeuristicMixed` and :mod:`txmgr._heuristic`).
+:class:`~txmgr.errors.HeuristicMixed` and :mod:`txmgr._heuristic`), and
+``txmgr_transaction_timeouts_total`` counts transactions whose deadline passed
+(:class:`~txmgr.errors.TransactionTimeout`, :mod:`txmgr._timeouts`).
 """
 
 from __future__ import annotations

@@ -217,3 +217,27 @@ def test_recovery_scale_resolves_every_branch(
     assert round_["ok"], proc.stdout + proc.stderr
     assert round_["recovery_report"].startswith("committed=60 rolled_back=0")
     assert doc["recovery_per_second"] > 0 and doc["bare_loop_per_second"] > 0
+
+
+def test_deadlock_benchmark_breaks_each_induced_deadlock_once_and_conserves_money(
+    make_database: MakeDatabase, pg_servers: list[Server], tmp_path: Path
+) -> None:
+    dsns = [make_database(pg_servers[i % len(pg_servers)]) for i in range(3)]
+    log = make_database(pg_servers[0])
+    out = tmp_path / "deadlock.json"
+    proc = _run(
+        "deadlock.py", "--deadlocks", "3", "--seconds", "1", "--interval", "0.2",
+        "--dsns", ",".join(dsns), "--log-dsn", log, "--json", str(out),
+    )  # fmt: skip
+    doc = json.loads(out.read_text())
+    for shape in ("dl2", "dl3"):
+        assert doc[shape]["victims"] == [1, 1, 1]  # exactly one victim per deadlock
+    assert doc["ok"] and doc["money"] == 0
+    assert doc["bank_random"]["commits"] > 0 and doc["bank_fixed"]["commits"] > 0
+    assert doc["tag_on"]["commits"] > 0 and doc["tag_off"]["commits"] > 0
+    sums = [query(d, "SELECT sum(balance) FROM txmgr_bench_dl")[0][0] for d in dsns[:2]]
+    assert sum(sums) == 0  # checked here again, independently of the script
+    for dsn in dsns:
+        assert query(dsn, "SELECT count(*) FROM pg_prepared_xacts "
+                          "WHERE database = current_database()") == [(0,)]
+    assert "| detection latency" in proc.stdout and "monkeypatched" in proc.stdout

@@ -43,9 +43,9 @@ from psycopg.pq import TransactionStatus
 
 from txmgr import _tag, failpoints
 from txmgr._branch import AnyBranchConnection
+from txmgr._coordinator_metrics import count_heuristic_mixed, count_transaction_timeout
 from txmgr._decision import Decision
 from txmgr._gid import Gid, new_txid
-from txmgr._heuristic import count_heuristic_mixed
 from txmgr._hints import FAILED_BRANCH_HINT, with_hint
 from txmgr._multiplex import Job, literal
 from txmgr._ops import (
@@ -58,7 +58,6 @@ from txmgr._ops import (
     paxos_register,
     take_verdict,
 )
-from txmgr._timeouts import count_transaction_timeout
 from txmgr.config import Config
 from txmgr.errors import (
     DeadlockDetected,

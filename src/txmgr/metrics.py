@@ -31,9 +31,9 @@ Two metrics belong to the coordinator, in the process's default registry (the
 one an application already serves), when prometheus_client is installed:
 ``txmgr_heuristic_mixed_branches_total{participant}`` counts branches that
 another session rolled back although the decision was commit (see
-:class:`~txmgr.errors.HeuristicMixed` and :mod:`txmgr._heuristic`), and
+:class:`~txmgr.errors.HeuristicMixed` and :mod:`txmgr._coordinator_metrics`), and
 ``txmgr_transaction_timeouts_total`` counts transactions whose deadline passed
-(:class:`~txmgr.errors.TransactionTimeout`, :mod:`txmgr._timeouts`).
+(:class:`~txmgr.errors.TransactionTimeout`, :mod:`txmgr._coordinator_metrics`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from txmgr.testing import (
     find_pg_bin,
     servers_from_env,
 )
+from txmgr.testing.pytest_plugin import MakeDatabase
 
 pytest_plugins = ["pytester"]
 
@@ -177,6 +178,19 @@ def test_drop_database_rolls_back_prepared_transactions(pg_server: Server) -> No
     assert pg_server.execute_admin("SELECT 1 FROM pg_database WHERE datname = %s", [name]) == []
     assert pg_server.execute_admin("SELECT gid FROM pg_prepared_xacts") == []
     pg_server.drop_database(name)  # dropping again is harmless
+
+
+def test_make_database_copies_a_template(
+    make_database: MakeDatabase, pg_server: Server
+) -> None:
+    filled = make_database()
+    with psycopg.connect(filled, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT 7 AS x")
+    template = str(conninfo_to_dict(filled)["dbname"])
+    copy = make_database(template=template)
+    assert copy != filled
+    with psycopg.connect(copy) as conn:
+        assert conn.execute("SELECT x FROM t").fetchall() == [(7,)]
 
 
 INNER_TEST = """

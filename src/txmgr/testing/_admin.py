@@ -41,8 +41,9 @@ class Server(Protocol):
     ) -> str:
         """A DSN of ``dbname`` for ``user`` (the superuser by default)."""
 
-    def create_database(self, name: str | None = None) -> str:
-        """Create a database (a random name by default) and return its DSN."""
+    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+        """Create a database (a random name by default), a copy of ``template`` if
+        given, and return its DSN."""
 
     def drop_database(self, name: str) -> None:
         """Drop a database, rolling back its prepared transactions first."""
@@ -78,10 +79,14 @@ class DatabaseAdmin:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
 
-    def create_database(self, name: str | None = None) -> str:
-        """Create a database (random ``t_<hex>`` name by default) and return its DSN."""
+    def create_database(self, name: str | None = None, *, template: str | None = None) -> str:
+        """Create a database (random ``t_<hex>`` name by default), a copy of ``template``
+        if given, and return its DSN."""
         name = name or f"t_{secrets.token_hex(6)}"
-        self.execute_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            create = sql.SQL("{} TEMPLATE {}").format(create, sql.Identifier(template))
+        self.execute_admin(create)
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:
@@ -89,28 +94,38 @@ class DatabaseAdmin:
 
         Prepared transactions outlive their sessions and block DROP DATABASE (even
         WITH (FORCE)), so a test that leaves one behind would otherwise leak the database.
+        One connection does it all unless some are prepared: every test drops its
+        databases, so this is on the path of the whole suite.
         """
-        for attempt in range(3):
-            if not self.execute_admin("SELECT 1 FROM pg_database WHERE datname = %s", [name]):
-                return
-            self._rollback_prepared(name)
-            try:
-                with self._connect(self.admin_dsn) as conn:
+        with self._connect(self.admin_dsn) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
+            if conn.info.server_version >= 130000:
+                drop = sql.SQL("{} WITH (FORCE)").format(drop)
+            for attempt in range(3):
+                row = conn.execute(
+                    "SELECT EXISTS (SELECT FROM pg_database WHERE datname = %s), "
+                    "EXISTS (SELECT FROM pg_prepared_xacts WHERE database = %s)",
+                    [name, name],
+                ).fetchone()
+                assert row is not None
+                exists, prepared = row
+                if not exists:
+                    return
+                if prepared:  # pg_prepared_xacts lists every database's
+                    self._rollback_prepared(name)
+                try:
                     conn.execute(
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                         " WHERE datname = %s AND pid <> pg_backend_pid()",
                         [name],
                     )
-                    drop = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
-                    if conn.info.server_version >= 130000:
-                        drop = sql.SQL("{} WITH (FORCE)").format(drop)
                     conn.execute(drop)
-                return
-            except psycopg.errors.ObjectInUse:
-                # A transaction was prepared, or a session connected, in the meantime.
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
+                    return
+                except psycopg.errors.ObjectInUse:
+                    # A transaction was prepared, or a session connected, in the meantime.
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.2)
 
     def _rollback_prepared(self, name: str) -> None:
         # ROLLBACK PREPARED only works from a session in the transaction's own database.

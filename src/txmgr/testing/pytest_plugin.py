@@ -44,7 +44,7 @@ _BACKEND_ENV_VAR = "TXMGR_TEST_BACKEND"
 class MakeDatabase(Protocol):
     """Type of the ``make_database`` fixture, for annotating test parameters."""
 
-    def __call__(self, server: Server | None = None) -> str: ...
+    def __call__(self, server: Server | None = None, *, template: str | None = None) -> str: ...
 
 
 class MakePgBouncer(Protocol):
@@ -139,7 +139,8 @@ def pg_server(pg_servers: list[Server]) -> Server:
 
 @pytest.fixture
 def make_database(pg_server: Server) -> Iterator[MakeDatabase]:
-    """Factory ``make_database(server=None) -> dsn`` of fresh databases.
+    """Factory ``make_database(server=None, *, template=None) -> dsn`` of fresh
+    databases (copies of the database ``template``, when given).
 
     Every database is dropped when the test ends, after rolling back the prepared
     transactions the test left behind (they would block DROP DATABASE).
@@ -148,9 +149,9 @@ def make_database(pg_server: Server) -> Iterator[MakeDatabase]:
 
     made: list[tuple[Server, str]] = []
 
-    def make(server: Server | None = None) -> str:
+    def make(server: Server | None = None, *, template: str | None = None) -> str:
         target = server if server is not None else pg_server
-        dsn = target.create_database()
+        dsn = target.create_database(template=template)
         made.append((target, str(conninfo_to_dict(dsn)["dbname"])))
         return dsn
 

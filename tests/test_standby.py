@@ -16,10 +16,12 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 
 import txmgr
 from support import START, Bank, MakeBank, own_server, query, transfer
 from test_bad_input import has_pg_basebackup
+from txmgr._leader import LeaderLock, lock_key
 from txmgr.daemon import Daemon
 from txmgr.resolve import resolve
 from txmgr.testing import PgServer, Server
@@ -183,6 +185,27 @@ def test_daemon_refuses_a_standby_log(
     finally:
         daemon.close()
     assert len(bank.prepared()) == 2 and bank.decisions() == [txid]
+
+
+def test_leader_lock_statement_refuses_a_standby(
+    make_bank: MakeBank, pair: tuple[PgServer, PgServer],
+) -> None:
+    """A hot standby grants pg_try_advisory_xact_lock: unchecked, a daemon whose lock
+    session reaches one (a pooler's next server session, say, whatever the log id's
+    read saw) would believe it leads. The lock statement itself refuses it, and the
+    transaction (and the standby's lock) is ended."""
+    primary, standby = pair
+    bank = make_bank(("a",), servers=[primary])
+    caught_up(primary, standby)
+    leader = LeaderLock(on(standby, bank.log), connect_timeout=5)
+    try:
+        conn = leader._connect()
+        with pytest.raises(txmgr.NotPrimary, match="target_session_attrs=read-write") as info:
+            leader._try_lock(conn, lock_key("standby-leader-test"))
+        assert standby.password not in str(info.value)
+        assert conn.info.transaction_status == TransactionStatus.IDLE  # lock given up
+    finally:
+        leader.release()
 
 
 # -- a participant DSN on a standby -----------------------------------------------------

@@ -49,6 +49,7 @@ from psycopg import sql
 
 from txmgr import log as decision_log
 from txmgr._dsn import mask, redact
+from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.errors import TxmgrError
 from txmgr.participant import connect
 
@@ -147,7 +148,9 @@ class LeaderLock:
 
     def _try_lock(self, conn: psycopg.Connection[Any], key: int) -> bool:
         """Open the leader's transaction and try the lock in it, one round trip; a
-        transaction that did not get the lock is ended at once.
+        transaction that did not get the lock is ended at once. The same statement
+        selects :data:`~txmgr._primary.IN_RECOVERY`: on a hot standby (which grants
+        advisory locks too) the transaction is ended and :class:`NotPrimary` raised.
 
         READ COMMITTED whatever ``default_transaction_isolation`` says: then the
         transaction holds no snapshot between its statements, so staying open
@@ -159,16 +162,19 @@ class LeaderLock:
             "BEGIN ISOLATION LEVEL READ COMMITTED; "
             "SET LOCAL idle_in_transaction_session_timeout = {}; "
             "SET LOCAL tcp_keepalives_idle = {}; SET LOCAL tcp_keepalives_interval = {}; "
-            "SET LOCAL tcp_keepalives_count = 2; SELECT pg_try_advisory_xact_lock({}::bigint)"
+            "SET LOCAL tcp_keepalives_count = 2; "
+            "SELECT pg_try_advisory_xact_lock({}::bigint), " + IN_RECOVERY
         ).format(sql.Literal(int(self._dead_peer_after * 1000)), sql.Literal(idle),
                  sql.Literal(idle), sql.Literal(key)))
         while cur.nextset():
             pass
         row = cur.fetchone()
-        taken = bool(row and row[0])
-        if not taken:
-            conn.execute("ROLLBACK")
-        return taken
+        taken, in_recovery = row if row is not None else (False, None)
+        if not taken or in_recovery is not False:
+            conn.execute("ROLLBACK")  # a lock taken on a standby is given up at once
+        # A hot standby grants the lock too: there a daemon would believe it leads.
+        require_primary(in_recovery, "the decision log", "log", self._dsn)
+        return bool(taken)
 
     def release(self) -> None:
         """Give the lock up (closing the session, or the pooler, releases it in any case)."""

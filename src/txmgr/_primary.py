@@ -6,8 +6,9 @@ not replayed yet reads as not committed (recovery would roll back a branch of a
 committed transaction), and ``pg_prepared_xacts`` lists nothing (recovery would
 take every branch as finished and delete the decision row). A DSN can reach a
 standby by mistake, or after a failover through a multi-host DSN, so the check
-runs on every use, not once: every statement that reads a decision or lists
-prepared transactions carries :data:`IN_RECOVERY` as a column, and its caller
+runs on every use, not once: every statement that reads a decision, lists
+prepared transactions or takes the daemon's leadership lock (a standby grants
+advisory locks too) carries :data:`IN_RECOVERY` as a column, and its caller
 passes the value to :func:`require_primary` before looking at the rest of the
 answer. A primary never turns into a standby under an open connection (that
 takes a restart, which ends the session), so a later statement of the same

@@ -4,7 +4,9 @@ The torture runs are marked ``soak``: a CI version by default (20 s of faults
 each, with a dedicated log, with the log inside a participant and in Paxos
 mode — there with the 10 kinds that act on the log databases and processes;
 each goes on until every one of its kinds hit something, one round of them
-at least), 10, 5 and 5 minutes with every kind with ``TXMGR_SOAK=1``. The seed is random unless
+at least), 10, 5 and 5 minutes with every kind with ``TXMGR_SOAK=1``; and the
+hot-account workload (distributed deadlocks, deadlines), 20 s with 5 kinds or
+5 minutes with every kind. The seed is random unless
 ``TXMGR_TORTURE_SEED`` is set; a failure prints it, and the same seed
 replays the same fault schedule.
 
@@ -451,7 +453,7 @@ def test_torture_hot_accounts(own_servers: None) -> None:
     waits = report.check.waits
     assert waits is not None, text
     assert waits.victims > 0, text  # deadlocks really happened and were broken
-    assert report.check.committed > 50, text
+    assert report.check.committed > 30, text
     assert report.ok
 
 

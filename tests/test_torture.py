@@ -6,7 +6,9 @@ mode; each goes on until every one of its kinds hit something, one round of
 them at least). The CI versions share the kinds out (:data:`CI_KINDS`): every
 kind runs in one of them at least, so the three together cover all 17 in
 about half the time that every kind in each would take. With ``TXMGR_SOAK=1``:
-10, 5 and 5 minutes, each with every kind of its mode. The seed is random unless
+10, 5 and 5 minutes, each with every kind of its mode. And the hot-account
+workload (distributed deadlocks, deadlines): 20 s with 5 kinds, or 5 minutes
+with every kind. The seed is random unless
 ``TXMGR_TORTURE_SEED`` is set; a failure prints it, and the same seed
 replays the same fault schedule.
 
@@ -56,6 +58,7 @@ from txmgr.torture._nemesis import Fault
 from txmgr.torture._paxos_faults import MAX_DOWN, LogOutages
 from txmgr.torture._records import Records, RecordWriter, Voters, read_records
 from txmgr.torture._rules import ACCEPT_PATTERN, ACCEPT_STATEMENT
+from txmgr.torture._waits import wait_bound
 from txmgr.torture._workload import START_BALANCE, create_schema
 
 LONG = os.environ.get("TXMGR_SOAK", "") == "1"
@@ -76,6 +79,10 @@ CI_KINDS: dict[str, tuple[str, ...]] = {
 
 
 # -- the schedule ------------------------------------------------------------------
+# The CI version of the hot run: the faults that hit the detector's daemons,
+# the clients and the participants' sessions (the others are the bank runs').
+HOT_CI_KINDS = ("kill_client", "kill_daemon", "restart_participant", "drop_connections",
+                "partition")
 
 
 def test_a_seed_replays_the_same_schedule() -> None:
@@ -191,6 +198,33 @@ def test_checker_judges_money_and_ledger_without_databases() -> None:
     assert kinds == {"negative": 1, "ledger": 2, "money": 1}, report.violations
     assert report.committed == 1 and report.acked == 1
     assert not report.ok
+
+
+def test_checker_reports_a_planted_overlong_wait(tmp_path: Path) -> None:
+    recs = _records(tmp_path, [
+        ("A", "h1", "-"), ("W", "h1", "1", "0.800", "DeadlockDetected"),
+        ("W", "h1", "2", "3.100", "TransactionTimeout"),
+        ("W", "h1", "3", "0.050", "committed"), ("K", "h1"),
+        ("A", "h2", "-"), ("W", "h2", "1", "9.500", "TransactionTimeout"),  # over the bound
+        ("W", "h2", "2", "30.000", "committed", "faulted=1"), ("K", "h2"),  # failpoint: not judged
+    ])  # fmt: skip
+    assert [a.waited for a in recs.attempts] == [0.8, 3.1, 0.05, 9.5, 30.0]
+    assert recs.attempts[-1].faulted and not recs.attempts[0].faulted
+    state = BankState(balances={"a": {1: START_BALANCE}, "b": {1: START_BALANCE}},
+                      ledger={"a": [], "b": []})
+    recs.acked = set()  # the ledger is empty here: judge the waits alone
+    report = check(state, recs, Leftovers(), SecretScan(), accounts=1,
+                   start_balance=START_BALANCE, wait_bound=wait_bound(3.0, 0.5))
+    assert report.violation_counts() == {"wait": 1}, report.violations
+    assert "h2 attempt 1 waited 9.50s" in report.violations[0].detail
+    waits = report.waits
+    assert waits is not None
+    assert (waits.attempts, waits.victims, waits.timeouts) == (5, 1, 2)
+    assert (waits.longest, waits.longest_faulted) == (9.5, 30.0)
+    assert "deadlock victims=1 timeouts=2 longest wait=9.50s" in waits.text()
+    # without a bound (the bank workload) waits are not judged
+    assert check(state, recs, Leftovers(), SecretScan(), accounts=1,
+                 start_balance=START_BALANCE).ok
 
 
 def _bank(make_database: MakeDatabase, servers: list[Server]) -> tuple[dict[str, str], str]:
@@ -411,6 +445,32 @@ def test_torture(
     assert report.check.scan.files > report.options.clients, text
     if log == "paxos":
         assert report.acceptor_reads > 0, text  # the acceptor tables were sampled
+    assert report.ok
+
+
+@pytest.mark.soak
+@pytest.mark.crash
+@pytest.mark.xdist_group("torture")
+@pytest.mark.timeout(1800 if LONG else 600)
+def test_torture_hot_accounts(own_servers: None) -> None:
+    """Hot accounts in random lock order: distributed deadlocks, broken by the
+    daemons' detector; every attempt under a deadline; no wait over its bound."""
+    seconds = 300 if LONG else 20
+    kinds = KINDS if LONG else HOT_CI_KINDS
+    report = run_torture(
+        TortureOptions(seconds=seconds, seed=_seed(), workload="hot", kinds=kinds),
+        echo=print,
+    )
+    text = report.text()
+    print(text)
+    assert report.check.violations == [], text
+    assert report.check.leftovers.count == 0, text
+    assert report.harness_errors == [], text
+    assert {k: report.effective[k] for k in kinds if not report.effective[k]} == {}, text
+    waits = report.check.waits
+    assert waits is not None, text
+    assert waits.victims > 0, text  # deadlocks really happened and were broken
+    assert report.check.committed > 30, text
     assert report.ok
 
 

@@ -8,7 +8,9 @@ loses protocol messages through fault proxies and arms failpoints — in Paxos
 mode (``--log paxos``) also stops, cuts off and wipes the three log
 databases. At the end recovery runs and a checker verifies money,
 atomicity, durability, leftovers, Paxos decisions and that no password
-leaked::
+leaked. ``--workload hot`` makes the transfers collide on a few hot accounts
+in random lock order (distributed deadlocks), each attempt under a deadline,
+and the checker bounds every attempt's wait::
 
     python -m txmgr.torture --minutes 10 --seed 1        # or: txmgr torture …
     python -m txmgr.torture --minutes 5 --seed 3 --log paxos

@@ -159,7 +159,10 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
 
     proxies = [stack.enter_context(FaultProxy("127.0.0.1", s.port)) for s in servers]
     log_proxies = proxies[len(names):] or proxies[:1]
-    pg_options = f"-c lock_timeout={options.lock_timeout_ms}"
+    # The hot workload's deadline bounds every wait (in-doubt locks included): a
+    # lock_timeout would end deadlocks before the detector or the deadline could.
+    lock_timeout_ms = 0 if options.workload == "hot" else options.lock_timeout_ms
+    pg_options = f"-c lock_timeout={lock_timeout_ms}"
     via_proxy = {name: _url(proxies[i].port, secret, BANK_DB, pg_options)
                  for i, name in enumerate(names)}
     log_setting: str | list[str]
@@ -179,6 +182,7 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
         "participants": via_proxy, "log": log_setting, "accounts": options.accounts,
         "log_idle_timeout": options.log_idle_timeout, "connect_timeout": 3.0,
         "threads": options.threads or 1,
+        "workload": options.workload, "deadline": options.deadline,
     }  # fmt: skip
     client_spec = workdir / "client.json"
     client_spec.write_text(json.dumps(spec))
@@ -188,6 +192,7 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
         "participants": via_proxy,
         "pool": {"connect_timeout": 3},
         "recovery": {"interval": options.daemon_interval},
+        "deadlock": {"interval": options.deadlock_interval},
     }))  # fmt: skip
     if options.log == "paxos":
         _cli_migrate(daemon_config, workdir / "logs" / "cli-migrate.log")

@@ -13,6 +13,8 @@
   in Paxos mode no transaction slot on any log database;
 - **decisions** (Paxos mode): no transfer's state contradicts a value its
   voters were seen choosing (:mod:`txmgr.torture._acceptors`);
+- **waits** (hot workload): no attempt waited longer than the deadline plus
+  the detector's interval plus a slack (:mod:`txmgr.torture._waits`);
 - **secrets**: the DSN password appears in no scanned file or log table
   (sampled during the run too, acceptor tables included).
 
@@ -35,6 +37,7 @@ from psycopg import sql
 
 from txmgr.torture._acceptors import AcceptorSamples, judge_decisions, read_accepted
 from txmgr.torture._records import Records
+from txmgr.torture._waits import WaitSummary, judge_waits
 
 __all__ = [
     "KNOWN_ISSUES",
@@ -63,7 +66,7 @@ KNOWN_ISSUES: dict[str, str] = {}
 @dataclass(frozen=True, slots=True)
 class Violation:
     # money, negative, ledger, atomicity, durability, aborted_committed, phantom,
-    # untyped_error, decision, secret
+    # untyped_error, decision, wait, secret
     kind: str
     detail: str
 
@@ -111,6 +114,7 @@ class CheckReport:
     known_issues: dict[str, int] = field(default_factory=dict)  # see KNOWN_ISSUES
     causes: dict[str, int] = field(default_factory=dict)  # "error<-cause" -> transfers
     decisions_seen: dict[str, int] = field(default_factory=dict)  # Paxos: chosen, by value
+    waits: WaitSummary | None = None  # hot workload only
 
     @property
     def ok(self) -> bool:
@@ -141,6 +145,11 @@ class CheckReport:
                           "causes": self.causes},
             "paxos_decisions_seen": self.decisions_seen,
             "known_issues": self.known_issues,
+            **({"waits": {"bound": self.waits.bound, "attempts": self.waits.attempts,
+                          "victims": self.waits.victims, "timeouts": self.waits.timeouts,
+                          "longest": round(self.waits.longest, 3),
+                          "longest_faulted": round(self.waits.longest_faulted, 3),
+                          "outcomes": dict(self.waits.outcomes)}} if self.waits else {}),
             "secret_scan": {"files": self.scan.files, "bytes": self.scan.bytes,
                             "hits": self.scan.hits},
         }
@@ -282,6 +291,7 @@ def check(
     accounts: int,
     start_balance: int,
     samples: AcceptorSamples | None = None,
+    wait_bound: float | None = None,
 ) -> CheckReport:
     """Judge the final state against what the clients were told (and, in Paxos
     mode, against the values the acceptors were seen choosing)."""
@@ -336,6 +346,10 @@ def check(
     if samples is not None:
         problems, seen = judge_decisions(samples, records, committed)
         violations += [Violation(kind, detail) for kind, detail in problems]
+    waits = None
+    if wait_bound is not None:
+        waits, problems = judge_waits(records.attempts, wait_bound)
+        violations += [Violation(kind, detail) for kind, detail in problems]
     for where in scan.hits:
         violations.append(Violation("secret", f"the DSN password appears in {where}"))
     return CheckReport(
@@ -352,4 +366,5 @@ def check(
         known_issues=dict(known),
         causes=dict(records.causes.most_common()),
         decisions_seen=dict(seen),
+        waits=waits,
     )

@@ -38,6 +38,13 @@ def torture_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "Paxos mode: three log databases on servers of their own."),
         click.option("--daemons", type=click.IntRange(1, 4), default=2, show_default=True,
                      help="Recovery daemons (one active, the others standby)."),
+        click.option("--workload", type=click.Choice(["bank", "hot"]), default="bank",
+                     show_default=True,
+                     help="hot: a few hot accounts, legs in random order (distributed "
+                          "deadlocks), a deadline per attempt, retries; the checker bounds "
+                          "every wait."),
+        click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=3.0,
+                     show_default=True, help="With --workload hot: each attempt's timeout."),
         click.option("--kinds", default=None,
                      help="Comma-separated fault kinds (default: every kind of the --log "
                           "mode)."),
@@ -63,6 +70,8 @@ def run_from_options(
     kinds: str | None,
     json_path: Path | None,
     workdir: Path | None,
+    workload: str = "bank",
+    deadline: float = 3.0,
 ) -> int:
     """Run the torture test; the exit status: 0 passed, 1 failed."""
     from txmgr.torture._report import TortureOptions
@@ -91,6 +100,8 @@ def run_from_options(
         log=log,
         daemons=daemons,
         kinds=chosen,
+        workload="hot" if workload == "hot" else "bank",
+        deadline=deadline,
         workdir=workdir,
         keep=workdir is not None,
     )

@@ -25,7 +25,9 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import NotRequired, TypedDict
@@ -35,6 +37,7 @@ from txmgr.errors import OutcomeUnknown, TransactionAborted
 from txmgr.hooks import Hooks
 from txmgr.manager import TransactionManager
 from txmgr.paxos import PaxosGid, PaxosLog
+from txmgr.torture._hot import plan_hot_transfer, run_hot_transfer
 from txmgr.torture._records import RecordWriter
 from txmgr.torture._workload import Transfer, plan_transfer, run_transfer_body
 
@@ -67,6 +70,13 @@ class _VoterHooks(Hooks):
     @voters.setter
     def voters(self, value: str | None) -> None:
         self._mine.voters = value
+
+    @property
+    def decided_at(self) -> float | None:  # monotonic time this thread's last decision began
+        return getattr(self._mine, "decided_at", None)
+
+    def before_decision(self, txid: str, lxid: int) -> None:
+        self._mine.decided_at = time.monotonic()
 
     def after_prepare(self, txid: str, participant: str, gid: str) -> None:
         parsed = PaxosGid.parse(gid)
@@ -128,6 +138,19 @@ def _transfer(tm: TransactionManager, t: Transfer, out: RecordWriter, hooks: _Vo
     return "K"
 
 
+def _fired_since(armed: dict[str, str]) -> Callable[[], bool]:
+    """A function telling whether an armed failpoint fired since its last call."""
+    seen = {name: failpoints.hits(name) for name in armed}
+
+    def fired() -> bool:
+        now = {name: failpoints.hits(name) for name in armed}
+        changed = now != seen
+        seen.update(now)
+        return changed
+
+    return fired
+
+
 class ClientSpec(TypedDict):
     """The JSON file the harness writes for its clients."""
 
@@ -137,6 +160,8 @@ class ClientSpec(TypedDict):
     log_idle_timeout: float
     connect_timeout: float
     threads: NotRequired[int]  # default 1
+    workload: NotRequired[str]  # "bank" (default) or "hot" (txmgr.torture._hot)
+    deadline: NotRequired[float]  # hot: each attempt's tm.transaction(timeout=)
 
 
 def run(
@@ -171,15 +196,22 @@ def run(
     out = RecordWriter(records)
     names = sorted(participants)
     counts = [0] * threads
+    hot = spec.get("workload", "bank") == "hot"
 
     def loop(k: int) -> None:
         rng = random.Random(f"{seed}/{slot}/{incarnation}" + (f"/{k}" if threads > 1 else ""))
         prefix = f"c{slot}.{incarnation}." + (f"{k}." if threads > 1 else "")
         while not stop.is_set() and (max_transfers is None or sum(counts) < max_transfers):
             counts[k] += 1
-            t = plan_transfer(rng, f"{prefix}{counts[k]}", names, spec["accounts"])
+            tid = f"{prefix}{counts[k]}"
             before = {name: failpoints.hits(name) for name in armed}
-            outcome = _transfer(tm, t, out, hooks)
+            if hot:
+                outcome = run_hot_transfer(tm, plan_hot_transfer(rng, tid, names), out, rng,
+                                           spec["deadline"], lambda: hooks.decided_at,
+                                           _fired_since(armed), stop.wait)
+            else:
+                t = plan_transfer(rng, tid, names, spec["accounts"])
+                outcome = _transfer(tm, t, out, hooks)
             for name, action in armed.items():
                 # (with threads, a hit may be seen by two transfers' windows: the
                 # records only need to show that the failpoint fired)

@@ -12,6 +12,12 @@ txid once ``commit()`` is over (in Paxos mode it may differ from the one at
 the start), ``cause=`` the type of the error's ``__cause__``, ``voters=`` the
 Paxos voters its gids named (``<quorum>:<incarnation>,…``).
 
+``W <id> <attempt> <seconds> <outcome> [faulted=1]`` (the hot workload,
+:mod:`txmgr.torture._hot`): one attempt, how long it waited up to its
+decision, its outcome (``committed`` or the error type); ``faulted=1`` when a
+failpoint fired during it (a fault inside the coordinator, outside the
+deadline's contract).
+
 ``F <failpoint> <action>`` records a failpoint that fired (raise or sleep; a
 crash ends the process before it can write). A transfer with an ``A`` line
 and no outcome was cut short (SIGKILL, crash failpoint): it counts as unknown.
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["RecordWriter", "Records", "Voters", "read_records"]
+__all__ = ["Attempt", "RecordWriter", "Records", "Voters", "read_records"]
 
 
 class RecordWriter:
@@ -68,6 +74,17 @@ class Voters:
         return cls(int(quorum), frozenset(incs.split(",")))
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt of a hot-workload transfer (a ``W`` line)."""
+
+    transfer_id: str
+    attempt: int
+    waited: float  # seconds from its start to its decision (or its error)
+    outcome: str  # "committed" or the error type
+    faulted: bool = False  # a failpoint fired during it
+
+
 @dataclass
 class Records:
     """Everything the clients recorded, merged."""
@@ -81,6 +98,7 @@ class Records:
     causes: Counter[str] = field(default_factory=Counter)  # "error<-cause" -> count
     txids: dict[str, str] = field(default_factory=dict)  # id -> txid after commit()
     voters: dict[str, Voters] = field(default_factory=dict)  # id -> Paxos voters
+    attempts: list[Attempt] = field(default_factory=list)  # hot workload only
 
     def finish(self) -> None:
         """Attempts without an outcome line become unknown ("cut short")."""
@@ -113,6 +131,9 @@ def read_records(paths: Iterable[Path]) -> Records:
             elif kind == "U" and len(parts) >= 3:
                 records.unknown[tid] = parts[2]
                 records.errors[parts[2]] += 1
+            elif kind == "W" and len(parts) >= 5:
+                records.attempts.append(Attempt(tid, int(parts[2]), float(parts[3]), parts[4],
+                                                "faulted=1" in parts[5:]))
             elif kind == "F" and len(parts) >= 3:
                 records.failpoints[f"{parts[1]}={parts[2]}"] += 1
     records.finish()

@@ -35,6 +35,10 @@ class TortureOptions:
     workdir: Path | None = None  # None: a temporary directory, removed after a clean run
     keep: bool = False  # keep the work directory even after a clean run
     settle_timeout: float = 120.0  # final recovery gives up after this long
+    # "hot": few hot accounts, legs in random order, deadline, retries (_hot.py)
+    workload: Literal["bank", "hot"] = "bank"
+    deadline: float = 3.0  # hot: each attempt's tm.transaction(timeout=)
+    deadlock_interval: float = 0.5  # the daemons' [deadlock] interval
 
     def __post_init__(self) -> None:
         if self.participants not in (2, 3):
@@ -47,6 +51,8 @@ class TortureOptions:
             raise ValueError("threads must be at least 1")
         if self.log not in ("dedicated", "participant", "paxos"):
             raise ValueError("log must be 'dedicated', 'participant' or 'paxos'")
+        if self.workload not in ("bank", "hot"):
+            raise ValueError("workload must be 'bank' or 'hot'")
         if not self.seconds > 0:
             raise ValueError("seconds must be positive")
         allowed = kinds_for(self.log)
@@ -125,6 +131,7 @@ class TortureReport:
             *([f"paxos decisions seen chosen in {self.acceptor_reads} acceptor reads: "
                + (" ".join(f"{k}={n}" for k, n in sorted(c.decisions_seen.items()))
                   or "none")] if self.options.log == "paxos" else []),
+            *([c.waits.text()] if c.waits else []),
             *(f"observed: {k}: {n}" for k, n in self.observations.items()),
             f"violations: {sum(c.violation_counts().values())} {c.violation_counts() or ''}",
             *(f"known issue (not counted): {error} x{n}, see {KNOWN_ISSUES[error]}"

@@ -47,6 +47,7 @@ from txmgr.torture._nemesis import MAX_TRANSFERS_ENV, Nemesis, World
 from txmgr.torture._procs import Command, ProcessGroup, Supervisor
 from txmgr.torture._records import read_records
 from txmgr.torture._report import TortureOptions, TortureReport
+from txmgr.torture._waits import wait_bound
 from txmgr.torture._workload import START_BALANCE
 
 __all__ = ["TortureOptions", "TortureReport", "run_torture"]
@@ -146,6 +147,8 @@ def _verdict(
         accounts=options.accounts,
         start_balance=START_BALANCE,
         samples=samples,
+        wait_bound=(wait_bound(options.deadline, options.deadlock_interval)
+                    if options.workload == "hot" else None),
     )
 
 

@@ -98,7 +98,12 @@ def make_bank(
         servers = servers or pg_servers
         dsns = {n: database(servers[i % len(servers)], "accounts+log" if n == log else "accounts")
                 for i, n in enumerate(names)}
-        log_target = database(servers[0], "log") if log == "dedicated" else log
+        if log == "dedicated":
+            log_target = database(servers[0], "log")
+        else:  # a participant's name (its database was copied with the log), or a DSN
+            log_target = log
+            if log not in dsns:
+                txmgr.migrate(log)
         bank = Bank(dsns, log_target)
         banks.append(bank)
         return bank

@@ -62,7 +62,7 @@ def _two_voter_transaction(bank: Bank, dsns: list[str], cut_off: FaultProxy) -> 
     """A coordinator that registers while the third log database refuses every
     statement, prepares both branches and crashes before proposing commit."""
     refuse = cut_off.add_rule(EVERY_STATEMENT, "drop_before", times=None)
-    spec = {"participants": bank.dsns, "log": {"paxos": dsns},
+    spec = {"participants": bank.dsns, "log": {"paxos": dsns, "connect_timeout": 2},
             "statements": transfer(30, "a", "b"), "failpoint": "before_decision"}
     txid = run_coordinator(KILLED_COORDINATOR, spec, exit_code=CRASH_EXIT, timeout=120)
     cut_off.remove_rule(refuse)

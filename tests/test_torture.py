@@ -439,7 +439,8 @@ def test_torture(
     assert {k: report.injected[k] for k in kinds if not report.injected[k]} == {}, text
     assert {k: report.effective[k] for k in kinds if not report.effective[k]} == {}, text
     # the workload really ran, and the faults really hurt
-    assert report.check.committed > 100, text
+    # (a floor, not a rate: a loaded CI machine once committed 52 in a 47 s Paxos run)
+    assert report.check.committed > 30, text
     assert report.check.acked <= report.check.committed, text
     assert report.check.errors.get("TransactionAborted", 0) > 0, text
     assert report.check.scan.files > report.options.clients, text

@@ -32,7 +32,9 @@ from txmgr.testing.pytest_plugin import MakeDatabase
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT = 600  # seconds; pip may have to download the dependencies
 
-# One worker runs them all (pytest-xdist), so the module's venv is built once.
+# One worker runs them all (pytest-xdist), and the venv is session-scoped: a worker
+# may run other modules' tests between these, which tore a module-scoped one down
+# and built it (37 s) twice.
 pytestmark = [pytest.mark.timeout(2 * INSTALL_TIMEOUT), pytest.mark.xdist_group("wheel")]
 
 
@@ -81,7 +83,7 @@ def build_wheel(sources: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return wheel
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     base = tmp_path_factory.mktemp("wheel")
     copy_sources(base / "sources")

@@ -64,6 +64,7 @@ class PgServer(DatabaseAdmin):
 
     host = "127.0.0.1"
     can_crash = True
+    _copy_by_file = True  # see DatabaseAdmin: its fsync is off
 
     def __init__(
         self,

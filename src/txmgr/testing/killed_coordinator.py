@@ -150,7 +150,9 @@ def run(spec: dict[str, Any]) -> None:
                              commits=int(spec.get("commits", 1)))
     log = spec["log"]
     if isinstance(log, dict):
-        log = PaxosLog(log["paxos"])
+        # connect_timeout: how long a log database that refuses connections holds up
+        # registration (tests cutting one off need not wait the default 10 s).
+        log = PaxosLog(log["paxos"], connect_timeout=float(log.get("connect_timeout", 10.0)))
     tm = TransactionManager(spec["participants"], log, pool_min_size=0, hooks=hooks)
     with tm.transaction() as tx:
         print(f"TXID {tx.txid}", flush=True)

@@ -70,6 +70,38 @@ def test_server_runs_unprivileged_and_accepts_its_password(custom_server: PgServ
     assert custom_server.is_running()
 
 
+def test_server_data_goes_to_a_ram_file_system_when_one_has_room(
+    custom_server: PgServer,
+) -> None:
+    from txmgr.testing import _datadir
+
+    if _datadir._ram_usable(shared=os.geteuid() == 0):
+        assert custom_server.data_dir.is_relative_to(_datadir.RAM_DIR)
+    else:  # e.g. a container's small /dev/shm: the temporary directory
+        assert not custom_server.data_dir.is_relative_to(_datadir.RAM_DIR)
+
+
+def test_data_dir_setting_is_honoured_or_refused_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from txmgr.testing import _datadir
+
+    monkeypatch.setenv(_datadir.DATA_DIR_ENV, str(tmp_path))
+    assert _datadir.data_parent(None) == str(tmp_path)
+    monkeypatch.setenv(_datadir.DATA_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(PgServerError, match=r"TXMGR_TEST_DATA_DIR=.*missing.* is not a writable"):
+        _datadir.data_parent(None)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.setenv(_datadir.DATA_DIR_ENV, str(private))
+    with pytest.raises(PgServerError, match="not reachable by the server's user"):
+        _datadir.data_parent(_datadir.RunAs("someone", 12345, 12345))
+    # Unset: a RAM file system without room is passed over for the temporary directory.
+    monkeypatch.delenv(_datadir.DATA_DIR_ENV)
+    monkeypatch.setattr(_datadir, "RAM_MIN_FREE", 1 << 62)
+    assert _datadir.data_parent(None) is None
+
+
 def test_wrong_password_is_rejected(custom_server: PgServer) -> None:
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(custom_server.dsn(password="wrong"), connect_timeout=10)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ._errors import PgServerError
 
-__all__ = ["RunAs", "chown_tree", "clean_env", "run", "server_user", "temp_parent"]
+__all__ = ["RunAs", "chown_tree", "clean_env", "run", "server_user", "temp_parent",
+           "world_traversable"]
 
 _FALLBACK_USER = "txmgr-pg"
 _lock = threading.Lock()
@@ -75,7 +76,7 @@ def _create_user() -> RunAs:
     return found
 
 
-def _world_traversable(path: Path) -> bool:
+def world_traversable(path: Path) -> bool:
     return all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents))
 
 
@@ -88,7 +89,7 @@ def reachable_bin_dir(bin_dir: Path, user: RunAs | None) -> Path:
     binaries locate the rest relative to themselves) is copied once into the
     temporary directory and reused.
     """
-    if user is None or _world_traversable(bin_dir):
+    if user is None or world_traversable(bin_dir):
         return bin_dir
     root = bin_dir.resolve().parent
     # Wheels keep shared libraries in "<package>.libs" beside the package and
@@ -136,9 +137,9 @@ def temp_parent(user: RunAs | None) -> str | None:
     if user is None:
         return None
     default = Path(tempfile.gettempdir())
-    if _world_traversable(default):
+    if world_traversable(default):
         return None
-    if Path("/tmp").is_dir() and _world_traversable(Path("/tmp")):
+    if Path("/tmp").is_dir() and world_traversable(Path("/tmp")):
         return "/tmp"
     raise PgServerError(
         f"temporary directory {default} is not reachable by user {user.name!r}; "

@@ -22,8 +22,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._admin import DatabaseAdmin, Server
 from ._binaries import find_pg_bin
+from ._datadir import data_parent
 from ._pgctl import Cluster, PgServerError
-from ._runas import chown_tree, reachable_bin_dir, server_user, temp_parent
+from ._runas import chown_tree, reachable_bin_dir, server_user
 from ._standby import clone_primary
 from ._watchdog import Watchdog
 
@@ -161,7 +162,7 @@ class PgServer(DatabaseAdmin):
             raise PgServerError("already started; use restart() to start it again")
         user = server_user()
         bin_dir = reachable_bin_dir(self._bin_dir or find_pg_bin(), user)
-        base = Path(tempfile.mkdtemp(prefix="txmgr-pg-", dir=temp_parent(user)))
+        base = Path(tempfile.mkdtemp(prefix="txmgr-pg-", dir=data_parent(user)))
         self._cluster = cluster = Cluster(bin_dir, base, user, self._timeout)
         with _live_lock:
             _live.add(self)

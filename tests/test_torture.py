@@ -408,14 +408,22 @@ def own_servers() -> None:
 @pytest.mark.xdist_group("torture")
 @pytest.mark.timeout(1800 if LONG else 600)
 @pytest.mark.parametrize(
-    ("log", "participants", "seconds"),
-    [("dedicated", 2, 600 if LONG else 15), ("participant", 3, 300 if LONG else 15),
-     ("paxos", 2, 300 if LONG else 15)],
+    ("log", "participants", "seconds", "pooler"),
+    [("dedicated", 2, 600 if LONG else 15, "none"), ("participant", 3, 300 if LONG else 15, "none"),
+     ("paxos", 2, 300 if LONG else 15, "none"),
+     # Through a real PgBouncer: transaction pooling (no session state may cross
+     # transactions) and session pooling, each with the faults of its log mode.
+     ("dedicated", 2, 300 if LONG else 10, "transaction"),
+     ("participant", 3, 300 if LONG else 10, "session")],
 )
 def test_torture(
     own_servers: None, log: Literal["dedicated", "participant", "paxos"], participants: int,
-    seconds: float,
+    seconds: float, pooler: Literal["none", "session", "transaction"],
 ) -> None:
+    from txmgr.testing._pgbouncer import find_pgbouncer
+
+    if pooler != "none" and find_pgbouncer() is None:
+        pytest.skip("pgbouncer is not installed (the Debian package pgbouncer)")
     seed = _seed()
     # No tmp_path: other pytest sessions on the machine may prune it mid-run. The
     # run's own temporary directory is removed after a clean run, kept (and
@@ -426,7 +434,7 @@ def test_torture(
     kinds = ((PAXOS_KINDS if log == "paxos" else KINDS) if LONG else CI_KINDS[log])
     report = run_torture(
         TortureOptions(seconds=seconds, seed=seed, participants=participants, log=log,
-                       clients=clients, kinds=kinds),
+                       clients=clients, kinds=kinds, pooler=pooler),
         echo=print,
     )
     text = report.text()

@@ -92,8 +92,9 @@ class PgBouncer:
     ``pool_mode``: session, transaction or statement. ``ignore_startup_parameters``:
     what PgBouncer silently drops instead of refusing (stock: nothing, so a
     client's libpq ``options`` is refused). ``auth_type``: ``md5`` (an auth
-    file with the server superuser's password) or ``trust``. ``settings``:
-    further ``[pgbouncer]`` lines.
+    file with the server superuser's password) or ``trust``. ``users``: further
+    roles and their passwords for that file (PgBouncer logs in to the server as
+    the client's role with them). ``settings``: further ``[pgbouncer]`` lines.
     """
 
     host = "127.0.0.1"
@@ -106,6 +107,7 @@ class PgBouncer:
         ignore_startup_parameters: Sequence[str] = (),
         auth_type: Literal["md5", "trust"] = "md5",
         pool_size: int = 20,
+        users: Mapping[str, str] | None = None,
         settings: Mapping[str, str] | None = None,
         binary: str | os.PathLike[str] | None = None,
         timeout: float = 20.0,
@@ -115,6 +117,7 @@ class PgBouncer:
         self._ignore = tuple(ignore_startup_parameters)
         self._auth_type = auth_type
         self._pool_size = pool_size
+        self._users = {_SUPERUSER: server.password, **(users or {})}
         self._settings = dict(settings or {})
         self._binary = Path(binary) if binary is not None else find_pgbouncer()
         self._timeout = timeout
@@ -189,8 +192,9 @@ class PgBouncer:
             self._base = base = Path(tempfile.mkdtemp(prefix="txmgr-pgb-",
                                                       dir=temp_parent(user)))
             self._port = _free_port()
-            (base / "userlist.txt").write_text(
-                f"{_quote_ini(_SUPERUSER)} {_quote_ini(self._server.password)}\n")
+            (base / "userlist.txt").write_text("".join(
+                f"{_quote_ini(user)} {_quote_ini(password)}\n"
+                for user, password in self._users.items()))
             (base / "pgbouncer.ini").write_text(self._ini(base))
             (base / "userlist.txt").chmod(0o600)
             chown_tree(base, user)

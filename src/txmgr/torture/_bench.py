@@ -30,7 +30,7 @@ from psycopg.conninfo import make_conninfo
 from txmgr._migrate import migrate
 from txmgr.config import Config
 from txmgr.paxos import PaxosLog
-from txmgr.testing import PgServer
+from txmgr.testing import PgBouncer, PgServer
 from txmgr.testing.proxy import FaultProxy
 from txmgr.torture._client import ClientSpec
 from txmgr.torture._logdbs import LogDatabase
@@ -86,6 +86,32 @@ class Bench:
         """A DSN per server (any database will do for pg_prepared_xacts)."""
         return {f"server{i}": s.dsn(user=ROLE, password=secret)
                 for i, s in enumerate(self.servers)}
+
+
+@dataclass
+class _ViaProxy:
+    """What a PgBouncer needs of its upstream: here a server's fault proxy."""
+
+    port: int
+    password: str
+    host: str = "127.0.0.1"
+
+
+def _start_bouncers(options: TortureOptions, servers: list[PgServer],
+                    proxies: list[FaultProxy], secret: str, stack: ExitStack) -> list[int]:
+    """A PgBouncer per server in front of its proxy (faults still hit the server
+    side); their ports. In session mode each client connection holds a server
+    connection, so a pool has room for every client's and daemon's."""
+    if options.pooler == "none":
+        return [p.port for p in proxies]
+    bouncers = [stack.enter_context(PgBouncer(
+        _ViaProxy(p.port, s.password), pool_mode=options.pooler, users={ROLE: secret},
+        pool_size=100 if options.pooler == "session" else 20,
+        # A fault that kills server connections must not leave a client waiting
+        # for a server login forever (PgBouncer's default is 15 s).
+        settings={"server_connect_timeout": "5", "server_login_retry": "1"},
+    )) for s, p in zip(servers, proxies, strict=True)]
+    return [b.port for b in bouncers]
 
 
 def _start_servers(count: int, stack: ExitStack) -> list[PgServer]:
@@ -159,21 +185,29 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
 
     proxies = [stack.enter_context(FaultProxy("127.0.0.1", s.port)) for s in servers]
     log_proxies = proxies[len(names):] or proxies[:1]
+    ports = _start_bouncers(options, servers, proxies, secret, stack)  # what clients reach
+    log_ports = ports[len(names):] or ports[:1]
     # The hot workload's deadline bounds every wait (in-doubt locks included): a
     # lock_timeout would end deadlocks before the detector or the deadline could.
     lock_timeout_ms = 0 if options.workload == "hot" else options.lock_timeout_ms
     pg_options = f"-c lock_timeout={lock_timeout_ms}"
-    via_proxy = {name: _url(proxies[i].port, secret, BANK_DB, pg_options)
+    if options.pooler != "none":
+        # Stock PgBouncer refuses a startup `options`: the role's default instead.
+        for server in servers:
+            server.execute_admin(sql.SQL("ALTER ROLE {} SET lock_timeout = {}").format(
+                sql.Identifier(ROLE), sql.Literal(lock_timeout_ms)))
+        pg_options = ""
+    via_proxy = {name: _url(ports[i], secret, BANK_DB, pg_options)
                  for i, name in enumerate(names)}
     log_setting: str | list[str]
     log_table: dict[str, object]
     if options.log == "paxos":
-        log_setting = [_kv(p.port, secret, LOG_DB) if i == 0 else _url(p.port, secret, LOG_DB)
-                       for i, p in enumerate(log_proxies)]
+        log_setting = [_kv(port, secret, LOG_DB) if i == 0 else _url(port, secret, LOG_DB)
+                       for i, port in enumerate(log_ports)]
         log_table = {"mode": "paxos", "dsns": log_setting,
                      "idle_timeout": options.log_idle_timeout}
     elif options.log == "dedicated":
-        log_setting = _kv(log_proxies[0].port, secret, LOG_DB)
+        log_setting = _kv(log_ports[0], secret, LOG_DB)
         log_table = {"dsn": log_setting, "idle_timeout": options.log_idle_timeout}
     else:
         log_setting = names[0]

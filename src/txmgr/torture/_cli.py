@@ -36,6 +36,9 @@ def torture_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      default="dedicated", show_default=True,
                      help="Decision log on a server of its own, inside a participant, or "
                           "Paxos mode: three log databases on servers of their own."),
+        click.option("--pooler", type=click.Choice(["none", "session", "transaction"]),
+                     default="none", show_default=True,
+                     help="Reach every server through a PgBouncer in this pool mode."),
         click.option("--daemons", type=click.IntRange(1, 4), default=2, show_default=True,
                      help="Recovery daemons (one active, the others standby)."),
         click.option("--workload", type=click.Choice(["bank", "hot"]), default="bank",
@@ -72,6 +75,7 @@ def run_from_options(
     workdir: Path | None,
     workload: str = "bank",
     deadline: float = 3.0,
+    pooler: str = "none",
 ) -> int:
     """Run the torture test; the exit status: 0 passed, 1 failed."""
     from txmgr.torture._report import TortureOptions
@@ -102,6 +106,8 @@ def run_from_options(
         kinds=chosen,
         workload="hot" if workload == "hot" else "bank",
         deadline=deadline,
+        pooler="session" if pooler == "session" else
+               "transaction" if pooler == "transaction" else "none",
         workdir=workdir,
         keep=workdir is not None,
     )

@@ -39,6 +39,9 @@ class TortureOptions:
     workload: Literal["bank", "hot"] = "bank"
     deadline: float = 3.0  # hot: each attempt's tm.transaction(timeout=)
     deadlock_interval: float = 0.5  # the daemons' [deadlock] interval
+    # "session" / "transaction": clients and daemons reach every server through a
+    # real PgBouncer in that pool mode (in front of the fault proxy); "none": direct.
+    pooler: Literal["none", "session", "transaction"] = "none"
 
     def __post_init__(self) -> None:
         if self.participants not in (2, 3):
@@ -51,6 +54,9 @@ class TortureOptions:
             raise ValueError("threads must be at least 1")
         if self.log not in ("dedicated", "participant", "paxos"):
             raise ValueError("log must be 'dedicated', 'participant' or 'paxos'")
+        if self.pooler not in ("none", "session", "transaction"):
+            raise ValueError("pooler must be 'none', 'session' or 'transaction' "
+                             "(statement pooling is refused by txmgr)")
         if self.workload not in ("bank", "hot"):
             raise ValueError("workload must be 'bank' or 'hot'")
         if not self.seconds > 0:
@@ -116,7 +122,8 @@ class TortureReport:
         lines = [
             f"torture {'PASSED' if self.ok else 'FAILED'}: seed={self.seed} "
             f"participants={self.options.participants} log={self.options.log} "
-            f"clients={self.options.clients}x{self.options.threads} "
+            + (f"pooler={self.options.pooler} " if self.options.pooler != "none" else "")
+            + f"clients={self.options.clients}x{self.options.threads} "
             f"nemesis={self.nemesis_seconds:.0f}s "
             f"total={self.duration:.0f}s",
             f"transfers: attempted={c.attempted} acked={c.acked} committed={c.committed} "

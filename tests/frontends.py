@@ -5,6 +5,7 @@ For ``"sync"`` each adapter call makes the blocking call of the sync API
 (``with tm.transaction() as tx``, ``tx.connection(name).execute(…)``); for
 ``"async"`` it awaits the async API (``async with``, ``await``). Either way
 the scenario runs inside ``asyncio.run``, and the sync calls simply block it.
+A scenario's own blocking calls (admin queries) go through :func:`off_loop`.
 
 Run as a script, this module is a coordinator that a failpoint crashes
 (``python tests/frontends.py SPEC_JSON``, see :func:`crash_at`).
@@ -35,6 +36,23 @@ async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args)``, awaited when it is a coroutine (the async API)."""
     result = fn(*args, **kwargs)
     return await result if inspect.isawaitable(result) else result
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` — a blocking call of the test's own (an admin query) — on a
+    worker thread, so that the event loop goes on meanwhile.
+
+    Call the test's own blocking helpers from a scenario through this. The async
+    pools connect on the event loop: a blocking call made on the loop's thread
+    stalls every handshake it has in flight, and the server waits for such a
+    client until ``authentication_timeout`` (60 s). ``DROP DATABASE`` waits for
+    every backend of the server (PostgreSQL 15: a ProcSignalBarrier that a
+    backend still authenticating does not take), so a drop made on the loop waits
+    those 60 s whenever a pool happened to be opening a connection to that server.
+    (The sync front end's calls block the loop too, but its pools connect on
+    threads of their own.)
+    """
+    return await asyncio.to_thread(fn, *args)
 
 
 class Conn:

@@ -8,17 +8,21 @@ servers afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
+import struct
+import time
 
 import psycopg
 import pytest
 
 import txmgr
-from frontends import FRONTS, Front, Tx, call, crash_at
+from frontends import FRONTS, Front, Tx, call, crash_at, off_loop
 from support import START, Bank, MakeBank, RecoveryLoop, query, transfer
 from txmgr import failpoints
 from txmgr.hooks import Hooks
 from txmgr.testing import PgServer
+from txmgr.testing.pytest_plugin import MakeDatabase
 
 State = txmgr.TransactionState
 
@@ -266,7 +270,8 @@ def test_log_gone_aborts_two_writers_but_not_one(front: Front, bank: Bank) -> No
             await move(tx, 1)
         drop = psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
             psycopg.sql.Identifier(str(logdb)))
-        query(bank.dsns["a"], drop.as_string())
+        # Off the loop: it may be opening a pool connection, which the drop waits for.
+        await off_loop(query, bank.dsns["a"], drop.as_string())
         async with tm.transaction() as tx:  # one writer: the log is not needed
             await tx.execute("a", "UPDATE accounts SET balance = balance - 5 WHERE id = 2")
             await tx.execute("b", "SELECT 1")
@@ -278,6 +283,46 @@ def test_log_gone_aborts_two_writers_but_not_one(front: Front, bank: Bank) -> No
     assert bank.balance("a", 2) == START - 5
     assert (bank.balance("a"), bank.balance("b")) == (START - 1, START + 1)
     assert bank.prepared() == []
+
+
+def test_a_scenario_drops_a_database_off_the_event_loop(make_database: MakeDatabase) -> None:
+    """The async run above stalled for 60 s now and then: it dropped the log on the
+    event loop's thread while a pool was opening a connection to that server on the
+    loop. The server waits for such a client up to ``authentication_timeout``
+    (60 s), and ``DROP DATABASE`` waits for every backend that is still
+    authenticating (PostgreSQL 15: a ProcSignalBarrier), whatever its database.
+    Here the loop's handshake is made on purpose; through off_loop() the loop ends
+    it at once and the drop does not wait for it."""
+    dsn, victim = make_database(), make_database()
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    drop = psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(
+        str(psycopg.conninfo.conninfo_to_dict(victim)["dbname"]))).as_string()
+
+    async def scenario() -> float:
+        # A client on the loop, half-way through its startup: as a pool's connect is.
+        host, port = str(params.get("host", "")), int(str(params.get("port", 5432)))
+        if not host or host.startswith("/"):
+            pytest.skip("the server is reached over a Unix socket, not TCP")
+        reader, writer = await asyncio.open_connection(host, port)
+        body = b"".join(f"{k}\0{params[k]}\0".encode() for k in ("user", "dbname"))
+        body = body.replace(b"dbname\0", b"database\0", 1) + b"\0"
+        writer.write(struct.pack("!ii", len(body) + 8, 196608) + body)  # protocol 3.0
+        kind, _, code = struct.unpack("!cii", await reader.readexactly(9))
+        if kind != b"R" or code == 0:
+            writer.close()
+            pytest.skip("the server asks for no password: no handshake for it to wait on")
+        # Its backend now waits for this client, which answers (hangs up) only
+        # when the loop runs.
+        hang_up = asyncio.get_running_loop().call_soon(writer.close)
+        start = time.monotonic()
+        try:
+            await off_loop(query, dsn, drop)
+        finally:
+            hang_up.cancel()
+            writer.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(scenario()) < 10  # it was authentication_timeout: 60 s
 
 
 class StopLogBeforeDecision(Hooks):
@@ -327,8 +372,9 @@ def test_stale_log_connection_is_replaced(front: Front, bank: Bank) -> None:
         async with tm.transaction() as tx:
             await move(tx, 1)
         # Every pooled log connection dies (as when the log server restarts).
-        query(bank.dsns["a"], "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-              "WHERE datname = %s AND pid <> pg_backend_pid()", (logdb,))
+        await off_loop(query, bank.dsns["a"], "SELECT pg_terminate_backend(pid) FROM "
+                       "pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                       (logdb,))
         async with tm.transaction() as tx:
             await move(tx, 2)
 

@@ -54,6 +54,7 @@ from txmgr.torture._checker import (
     read_log_text,
     scan_for_secret,
 )
+from txmgr.torture._kinds import ALL_KINDS, kinds_for
 from txmgr.torture._nemesis import Fault
 from txmgr.torture._paxos_faults import MAX_DOWN, LogOutages
 from txmgr.torture._records import Records, RecordWriter, Voters, read_records
@@ -81,6 +82,9 @@ CI_KINDS: dict[str, tuple[str, ...]] = {
 # -- the schedule ------------------------------------------------------------------
 # The CI version of the hot run: the faults that hit the detector's daemons,
 # the clients and the participants' sessions (the others are the bank runs').
+# The CI version of the failover run (every server with a synchronous standby).
+STANDBY_CI_KINDS = ("failover_participant", "failover_log", "kill_client", "restart_participant",
+                    "drop_commit_prepared", "failpoint_crash")
 HOT_CI_KINDS = ("kill_client", "kill_daemon", "restart_participant", "drop_connections",
                 "partition")
 
@@ -102,8 +106,20 @@ def test_every_round_of_the_schedule_has_every_kind(kinds: tuple[str, ...]) -> N
 
 def test_the_ci_runs_cover_every_kind() -> None:
     assert set().union(*CI_KINDS.values()) == set(PAXOS_KINDS)
+    assert set(PAXOS_KINDS) | set(STANDBY_CI_KINDS) == set(ALL_KINDS)
     for log, kinds in CI_KINDS.items():
         TortureOptions(log=log, kinds=kinds)  # each applies to its mode
+    TortureOptions(kinds=STANDBY_CI_KINDS, standby=True)
+
+
+def test_failover_kinds_need_a_standby_of_every_server() -> None:
+    with pytest.raises(ValueError, match=r"\['failover_log'\] do not apply"):
+        TortureOptions(kinds=("kill_client", "failover_log"))
+    with pytest.raises(ValueError, match=r"\['failover_log'\] do not apply"):
+        TortureOptions(log="participant", kinds=("failover_log",), standby=True)
+    with pytest.raises(ValueError, match="single-log modes, without a pooler"):
+        TortureOptions(log="paxos", standby=True)
+    assert "failover_participant" in TortureOptions(log="participant", standby=True).kinds
 
 
 def test_schedule_refuses_unknown_kinds() -> None:
@@ -408,17 +424,22 @@ def own_servers() -> None:
 @pytest.mark.xdist_group("torture")
 @pytest.mark.timeout(1800 if LONG else 600)
 @pytest.mark.parametrize(
-    ("log", "participants", "seconds", "pooler"),
-    [("dedicated", 2, 600 if LONG else 15, "none"), ("participant", 3, 300 if LONG else 15, "none"),
-     ("paxos", 2, 300 if LONG else 15, "none"),
+    ("log", "participants", "seconds", "pooler", "standby"),
+    [("dedicated", 2, 600 if LONG else 15, "none", False),
+     ("participant", 3, 300 if LONG else 15, "none", False),
+     ("paxos", 2, 300 if LONG else 15, "none", False),
      # Through a real PgBouncer: transaction pooling (no session state may cross
      # transactions) and session pooling, each with the faults of its log mode.
-     ("dedicated", 2, 300 if LONG else 10, "transaction"),
-     ("participant", 3, 300 if LONG else 10, "session")],
+     ("dedicated", 2, 300 if LONG else 10, "transaction", False),
+     ("participant", 3, 300 if LONG else 10, "session", False),
+     # Every server with a synchronous standby, and failovers to it.
+     ("dedicated", 2, 300 if LONG else 10, "none", True)],
+    ids=["dedicated", "participant", "paxos", "dedicated-pgbouncer-transaction",
+         "participant-pgbouncer-session", "dedicated-failover"],
 )
 def test_torture(
     own_servers: None, log: Literal["dedicated", "participant", "paxos"], participants: int,
-    seconds: float, pooler: Literal["none", "session", "transaction"],
+    seconds: float, pooler: Literal["none", "session", "transaction"], standby: bool,
 ) -> None:
     from txmgr.testing._pgbouncer import find_pgbouncer
 
@@ -431,10 +452,11 @@ def test_torture(
     # Paxos mode: 2 clients of 2 threads each (their commits share accept
     # rounds, which the faults then hit); 4 threads in all, as in the others.
     clients = 2 if log == "paxos" and not LONG else 4
-    kinds = ((PAXOS_KINDS if log == "paxos" else KINDS) if LONG else CI_KINDS[log])
+    kinds = (kinds_for(log, standby=standby) if LONG else
+             STANDBY_CI_KINDS if standby else CI_KINDS[log])
     report = run_torture(
         TortureOptions(seconds=seconds, seed=seed, participants=participants, log=log,
-                       clients=clients, kinds=kinds, pooler=pooler),
+                       clients=clients, kinds=kinds, pooler=pooler, standby=standby),
         echo=print,
     )
     text = report.text()

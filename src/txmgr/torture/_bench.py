@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -33,6 +33,7 @@ from txmgr.paxos import PaxosLog
 from txmgr.testing import PgBouncer, PgServer
 from txmgr.testing.proxy import FaultProxy
 from txmgr.torture._client import ClientSpec
+from txmgr.torture._failover import Replicated
 from txmgr.torture._logdbs import LogDatabase
 from txmgr.torture._report import TortureOptions
 from txmgr.torture._workload import create_role, create_schema
@@ -59,6 +60,23 @@ class Bench:
     mode: str  # TortureOptions.log
     log_idle_timeout: float
     paxos: list[LogDatabase]  # Paxos mode: the log databases; else empty
+    # --standby: per server (same order), its standby and proxies; else empty
+    replicas: list[Replicated] = field(default_factory=list)
+    secret: str = ""
+
+    def follow_failovers(self) -> None:
+        """After failovers: ``servers`` and the direct DSNs name the current primaries."""
+        if not self.replicas:
+            return
+        self.servers[:] = [r.primary for r in self.replicas]
+        self.log_servers[:] = self.servers[len(self.names):] or self.servers[:1]
+        for name, server in zip(self.names, self.servers, strict=False):
+            self.direct[name] = server.dsn(BANK_DB, user=ROLE, password=self.secret)
+        if self.mode == "dedicated":
+            self.log_directs[:] = [self.log_servers[0].dsn(LOG_DB, user=ROLE,
+                                                           password=self.secret)]
+        else:
+            self.log_directs[:] = [self.direct[self.names[0]]]
 
     @property
     def bank_servers(self) -> list[PgServer]:
@@ -129,15 +147,22 @@ def _create_database(server: PgServer, name: str) -> None:
         sql.Identifier(name), sql.Identifier(ROLE)))
 
 
-def _url(port: int, password: str, dbname: str, options: str = "") -> str:
+def _url(ports: list[int], password: str, dbname: str, options: str = "") -> str:
+    """A URL DSN; with several ports a multi-host one that connects to the primary."""
     query = f"options={quote(options, safe='')}&" if options else ""
-    return (f"postgresql://{ROLE}:{quote(password, safe='')}@127.0.0.1:{port}/{dbname}"
+    if len(ports) > 1:
+        query += "target_session_attrs=read-write&"
+    hosts = ",".join(f"127.0.0.1:{p}" for p in ports)
+    return (f"postgresql://{ROLE}:{quote(password, safe='')}@{hosts}/{dbname}"
             f"?{query}application_name=torture")
 
 
-def _kv(port: int, password: str, dbname: str) -> str:
-    return make_conninfo("", host="127.0.0.1", port=port, user=ROLE, password=password,
-                         dbname=dbname)
+def _kv(ports: list[int], password: str, dbname: str) -> str:
+    """A key/value DSN; with several ports a multi-host one, as :func:`_url`."""
+    extra = {"target_session_attrs": "read-write"} if len(ports) > 1 else {}
+    return make_conninfo("", host=",".join("127.0.0.1" for _ in ports),
+                         port=",".join(str(p) for p in ports), user=ROLE, password=password,
+                         dbname=dbname, **extra)
 
 
 def _toml(config: Mapping[str, Mapping[str, object]]) -> str:
@@ -183,9 +208,19 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     if options.log != "paxos":
         migrate(log_directs[0])
 
-    proxies = [stack.enter_context(FaultProxy("127.0.0.1", s.port)) for s in servers]
+    replicas: list[Replicated] = []
+    if options.standby:  # after the databases and the role: the standbys clone them
+        labels = [*names, "log"][:len(servers)]
+        replicas = [Replicated.start(s, label, stack, workdir / "logs")
+                    for s, label in zip(servers, labels, strict=True)]
+        proxies = [r.front for r in replicas]
+    else:
+        proxies = [stack.enter_context(FaultProxy("127.0.0.1", s.port)) for s in servers]
     log_proxies = proxies[len(names):] or proxies[:1]
-    ports = _start_bouncers(options, servers, proxies, secret, stack)  # what clients reach
+    # What clients and daemons reach: per server, one port, or the primary's and
+    # the standby's proxies (a multi-host DSN).
+    ports = ([[r.front.port, r.back.port] for r in replicas] if replicas else
+             [[port] for port in _start_bouncers(options, servers, proxies, secret, stack)])
     log_ports = ports[len(names):] or ports[:1]
     # The hot workload's deadline bounds every wait (in-doubt locks included): a
     # lock_timeout would end deadlocks before the detector or the deadline could.
@@ -202,8 +237,8 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     log_setting: str | list[str]
     log_table: dict[str, object]
     if options.log == "paxos":
-        log_setting = [_kv(port, secret, LOG_DB) if i == 0 else _url(port, secret, LOG_DB)
-                       for i, port in enumerate(log_ports)]
+        log_setting = [_kv(p, secret, LOG_DB) if i == 0 else _url(p, secret, LOG_DB)
+                       for i, p in enumerate(log_ports)]
         log_table = {"mode": "paxos", "dsns": log_setting,
                      "idle_timeout": options.log_idle_timeout}
     elif options.log == "dedicated":
@@ -246,4 +281,6 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
         mode=options.log,
         log_idle_timeout=options.log_idle_timeout,
         paxos=paxos,
+        replicas=replicas,
+        secret=secret,
     )

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import click
 
-from txmgr.torture._kinds import ALL_KINDS, kinds_for
+from txmgr.torture._kinds import ALL_KINDS, FAILOVER, PAXOS_ONLY, kinds_for
 
 __all__ = ["torture_main", "torture_options"]
 
@@ -39,6 +39,9 @@ def torture_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--pooler", type=click.Choice(["none", "session", "transaction"]),
                      default="none", show_default=True,
                      help="Reach every server through a PgBouncer in this pool mode."),
+        click.option("--standby", is_flag=True, default=False,
+                     help="Give every server a synchronous hot standby; adds the failover "
+                          "faults (single-log modes)."),
         click.option("--daemons", type=click.IntRange(1, 4), default=2, show_default=True,
                      help="Recovery daemons (one active, the others standby)."),
         click.option("--workload", type=click.Choice(["bank", "hot"]), default="bank",
@@ -76,6 +79,7 @@ def run_from_options(
     workload: str = "bank",
     deadline: float = 3.0,
     pooler: str = "none",
+    standby: bool = False,
 ) -> int:
     """Run the torture test; the exit status: 0 passed, 1 failed."""
     from txmgr.torture._report import TortureOptions
@@ -85,14 +89,17 @@ def run_from_options(
     log: Literal["dedicated", "participant", "paxos"] = (
         "participant" if log_mode == "participant" else
         "paxos" if log_mode == "paxos" else "dedicated")
-    allowed = kinds_for(log)
+    allowed = kinds_for(log, standby=standby)
     chosen = allowed if kinds is None else tuple(k.strip() for k in kinds.split(",")
                                                  if k.strip())
     unknown = sorted(set(chosen) - set(ALL_KINDS))
     misfits = sorted(set(chosen) - set(allowed) - set(unknown))
     if unknown or misfits or not chosen:
+        why = ("need --standby" if not standby and set(misfits) <= set(FAILOVER) else
+               "need --log paxos" if set(misfits) <= set(PAXOS_ONLY) else
+               f"do not apply with --log {log}")
         problem = (f"unknown fault kinds {unknown}" if unknown or not chosen else
-                   f"fault kinds {misfits} need --log paxos")
+                   f"fault kinds {misfits} {why}")
         raise click.BadParameter(f"{problem}; with --log {log} choose from "
                                  f"{', '.join(allowed)}", param_hint="--kinds")
     options = TortureOptions(
@@ -108,6 +115,7 @@ def run_from_options(
         deadline=deadline,
         pooler="session" if pooler == "session" else
                "transaction" if pooler == "transaction" else "none",
+        standby=standby,
         workdir=workdir,
         keep=workdir is not None,
     )

@@ -4,12 +4,15 @@ without importing the harness).
 :data:`KINDS` are those of the single-log modes (a dedicated log database, or
 the log inside a participant). Paxos mode (``--log paxos``, three log
 databases) keeps every one of them — those aimed at "the log" pick one log
-database, or two for ``log_outage`` — and adds :data:`PAXOS_ONLY`.
+database, or two for ``log_outage`` — and adds :data:`PAXOS_ONLY`. With
+``--standby`` (every server has a synchronous standby) the single-log modes
+add :data:`FAILOVER` (the log's failover only where the log has a server of
+its own).
 """
 
 from __future__ import annotations
 
-__all__ = ["ALL_KINDS", "KINDS", "PAXOS_KINDS", "PAXOS_ONLY", "kinds_for"]
+__all__ = ["ALL_KINDS", "FAILOVER", "KINDS", "PAXOS_KINDS", "PAXOS_ONLY", "kinds_for"]
 
 KINDS = (
     "kill_client",
@@ -36,9 +39,20 @@ PAXOS_ONLY = (
 )
 
 PAXOS_KINDS = KINDS + PAXOS_ONLY
-ALL_KINDS = PAXOS_KINDS
+
+#: Faults that need a standby of each server (``--standby``).
+FAILOVER = (
+    "failover_participant",  # a participant's primary dies; its synchronous standby takes over
+    "failover_log",  # the same for the dedicated log's server
+)
+
+ALL_KINDS = PAXOS_KINDS + FAILOVER
 
 
-def kinds_for(log: str) -> tuple[str, ...]:
-    """Every fault kind that makes sense with this ``--log`` mode."""
-    return PAXOS_KINDS if log == "paxos" else KINDS
+def kinds_for(log: str, *, standby: bool = False) -> tuple[str, ...]:
+    """Every fault kind that makes sense with this ``--log`` mode (and ``--standby``)."""
+    if log == "paxos":
+        return PAXOS_KINDS
+    if not standby:
+        return KINDS
+    return KINDS + (FAILOVER if log == "dedicated" else ("failover_participant",))

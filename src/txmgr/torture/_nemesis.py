@@ -27,6 +27,9 @@ Kinds (:data:`KINDS`):
 - ``failpoint_crash`` / ``failpoint_raise`` / ``failpoint_sleep``: restart one
   client with a failpoint armed at a random protocol step (the sleep may
   outlast the decision log's idle timeout).
+- ``failover_participant`` / ``failover_log`` (``--standby``): the primary dies,
+  its synchronous standby is promoted, the old primary is fenced and a new
+  standby cloned (:mod:`txmgr.torture._failover`).
 
 In Paxos mode the kinds aimed at "the log" pick one of its three databases
 (``log_outage`` two), and :mod:`txmgr.torture._paxos_faults` adds the faults
@@ -49,7 +52,8 @@ from typing import Protocol
 
 from txmgr import failpoints
 from txmgr.testing.proxy import FaultProxy
-from txmgr.torture._kinds import ALL_KINDS, KINDS, PAXOS_ONLY
+from txmgr.torture._failover import Replicated
+from txmgr.torture._kinds import ALL_KINDS, FAILOVER, KINDS, PAXOS_ONLY
 from txmgr.torture._logdbs import LogDatabase
 from txmgr.torture._paxos_faults import PaxosFaults
 from txmgr.torture._procs import ProcessGroup
@@ -135,6 +139,8 @@ class World:
     paxos: list[LogDatabase] = field(default_factory=list)  # Paxos mode: the log databases
     participant_dsns: list[str] = field(default_factory=list)  # direct (Paxos observations)
     grace: float = 5.0  # the daemons' Paxos grace (their log idle timeout)
+    # --standby: per server, participants' then the log's (same order as the bench)
+    replicas: list[Replicated] = field(default_factory=list)
 
 
 class Nemesis:
@@ -163,6 +169,9 @@ class Nemesis:
         if self.paxos is None and set(self.kinds) & set(PAXOS_ONLY):
             raise ValueError(f"fault kinds {sorted(set(self.kinds) & set(PAXOS_ONLY))} need "
                              "the three log databases of Paxos mode")
+        if not world.replicas and set(self.kinds) & set(FAILOVER):
+            raise ValueError(f"fault kinds {sorted(set(self.kinds) & set(FAILOVER))} need "
+                             "a standby of every server (standby=True)")
 
     @property
     def observations(self) -> Counter[str]:
@@ -239,6 +248,11 @@ class Nemesis:
         if f.kind == "restart_participant":
             index = f.pick(w.participant_servers)
             return self._restart(w.participant_servers[index], f), f"participant {index}"
+        if f.kind == "failover_participant":
+            index = f.pick(w.participant_servers)
+            return self._failover(index)
+        if f.kind == "failover_log":
+            return self._failover(len(w.participant_servers))
         if self.paxos is not None:
             applied = self._apply_paxos(f)
             if applied is not None:
@@ -291,6 +305,18 @@ class Nemesis:
                 return self._partition(proxy, f, f"proxy {index} (log)", ANY_STATEMENT)
             return self._partition(proxy, f, f"proxy {index}")
         return None
+
+    def _failover(self, index: int) -> tuple[bool, str]:
+        """Fail server ``index`` over to its standby; the faults then act on the new primary."""
+        w = self.world
+        replica = w.replicas[index]
+        old = replica.primary
+        if not old.is_running():
+            old.restart()  # left down by an earlier failure: bring it back to kill it
+        effective, detail = replica.failover()
+        for servers in (w.participant_servers, w.log_servers):
+            servers[:] = [replica.primary if s is old else s for s in servers]
+        return effective, detail
 
     def _restart(self, server: Server, f: Fault) -> bool:
         if not server.is_running():

@@ -42,6 +42,9 @@ class TortureOptions:
     # "session" / "transaction": clients and daemons reach every server through a
     # real PgBouncer in that pool mode (in front of the fault proxy); "none": direct.
     pooler: Literal["none", "session", "transaction"] = "none"
+    # Every server gets a synchronous hot standby; the failover faults promote it
+    # (single-log modes, direct connections: see _failover.py).
+    standby: bool = False
 
     def __post_init__(self) -> None:
         if self.participants not in (2, 3):
@@ -61,7 +64,9 @@ class TortureOptions:
             raise ValueError("workload must be 'bank' or 'hot'")
         if not self.seconds > 0:
             raise ValueError("seconds must be positive")
-        allowed = kinds_for(self.log)
+        if self.standby and (self.log == "paxos" or self.pooler != "none"):
+            raise ValueError("standby applies to the single-log modes, without a pooler")
+        allowed = kinds_for(self.log, standby=self.standby)
         if not self.kinds:
             object.__setattr__(self, "kinds", allowed)  # frozen: set once, here
         misfits = sorted(set(self.kinds) - set(allowed))
@@ -123,6 +128,7 @@ class TortureReport:
             f"torture {'PASSED' if self.ok else 'FAILED'}: seed={self.seed} "
             f"participants={self.options.participants} log={self.options.log} "
             + (f"pooler={self.options.pooler} " if self.options.pooler != "none" else "")
+            + ("standby=sync " if self.options.standby else "")
             + f"clients={self.options.clients}x{self.options.threads} "
             f"nemesis={self.nemesis_seconds:.0f}s "
             f"total={self.duration:.0f}s",

@@ -185,6 +185,7 @@ def run_torture(
             paxos=bench.paxos,
             participant_dsns=list(bench.direct.values()),
             grace=options.log_idle_timeout,
+            replicas=bench.replicas,
         )
         nemesis = Nemesis(world, seed, options.kinds, _client_effects(clients, records))
         supervisor = Supervisor([clients, daemons]).start()
@@ -206,6 +207,7 @@ def run_torture(
             killed = clients.stop(timeout=30)
             daemons.stop(timeout=15)
             supervisor.close()
+            bench.follow_failovers()  # the final recovery and the checker: the primaries
         harness_errors += nemesis.errors
         if sampled.exception() is not None:
             harness_errors.append(f"decision log sampler: {sampled.exception()!r}")

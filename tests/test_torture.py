@@ -82,6 +82,15 @@ CI_KINDS: dict[str, tuple[str, ...]] = {
 # -- the schedule ------------------------------------------------------------------
 # The CI version of the hot run: the faults that hit the detector's daemons,
 # the clients and the participants' sessions (the others are the bank runs').
+# The CI versions of the runs through PgBouncer: the faults a pooler stands in the
+# way of (a killed client's open transactions, server restarts and dropped server
+# connections behind the pooler, lost statements, the daemons' leadership).
+POOLER_CI_KINDS = {
+    "transaction": ("kill_client", "kill_daemon", "restart_log", "drop_log_commit",
+                    "failpoint_crash"),
+    "session": ("kill_client", "restart_participant", "drop_connections", "drop_prepare",
+                "failpoint_crash"),
+}
 # The CI version of the failover run (every server with a synchronous standby).
 STANDBY_CI_KINDS = ("failover_participant", "failover_log", "kill_client", "restart_participant",
                     "drop_commit_prepared", "failpoint_crash")
@@ -453,7 +462,8 @@ def test_torture(
     # rounds, which the faults then hit); 4 threads in all, as in the others.
     clients = 2 if log == "paxos" and not LONG else 4
     kinds = (kinds_for(log, standby=standby) if LONG else
-             STANDBY_CI_KINDS if standby else CI_KINDS[log])
+             STANDBY_CI_KINDS if standby else
+             POOLER_CI_KINDS[pooler] if pooler != "none" else CI_KINDS[log])
     report = run_torture(
         TortureOptions(seconds=seconds, seed=seed, participants=participants, log=log,
                        clients=clients, kinds=kinds, pooler=pooler, standby=standby),

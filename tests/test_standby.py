@@ -367,3 +367,41 @@ def test_gone_gid_rolled_back_elsewhere_is_heuristic_mixed_async(bank: Bank) -> 
         asyncio.run(_async_move(bank, hooks))
     assert info.value.committed == ["a"] and info.value.rolled_back == ["b"]
     assert (bank.balance("a"), bank.balance("b")) == (START - 70, START)
+
+
+def test_a_standby_never_counts_as_a_paxos_acceptor(
+    pair: tuple[PgServer, PgServer], make_database: Any, pg_servers: list[Server],
+) -> None:
+    from txmgr._dsn import mask
+    from txmgr.paxos import PaxosLog
+    from txmgr.paxos._acceptor import parse
+    from txmgr.paxos._schema import install
+
+    primary, standby = pair
+    dsns = [make_database(pg_servers[0]), make_database(pg_servers[1]), make_database(primary)]
+    for dsn in dsns:
+        install(dsn)
+    caught_up(primary, standby)
+    # The third DSN reaches a caught-up standby of a migrated acceptor database: its
+    # slots would read like an acceptor's, but they may lag behind its primary's.
+    replica = on(standby, dsns[2])
+    log = PaxosLog([dsns[0], dsns[1], replica], connect_timeout=5)
+    try:
+        found = log.check()
+        assert sorted(found) == sorted(mask(d) for d in dsns[:2])  # a majority, without it
+        third = log.slots()[2]
+        assert third.incarnation is None and third.error is not None
+        assert "hot standby" in third.error and "target_session_attrs" in third.error
+    finally:
+        log.close()
+    # Each answer carries the check too (a pooler may move a session to a standby):
+    # the scan's rows, read on the standby itself, are refused.
+    from txmgr.paxos._acceptor import STATEMENTS
+
+    with psycopg.connect(replica, autocommit=True) as conn:
+        rows = conn.execute(STATEMENTS["txmgr_paxos_scan"][1]).fetchall()
+    with pytest.raises(ValueError, match="hot standby"):
+        parse(rows)
+    with pytest.raises(ValueError, match="hot standby"):
+        parse([("inc", None, None, None, None, None, None, None, None, True)])
+    assert parse([("inc", None, None, None, None, None, None, None, None, False)]).replies == {}

@@ -17,7 +17,9 @@ on the newest row version, when two proposers race) makes it atomic:
 Everything but registration commits with ``synchronous_commit = on`` before
 the reply (``SET LOCAL`` in the same query, see :data:`_DURABLE`).
 Every answer carries the acceptor's incarnation, read in the same statement,
-so a reply always names the state it came from. The slot in an
+so a reply always names the state it came from, and ``pg_is_in_recovery()``:
+a standby's slots may lag behind its primary's, so its answers never count
+(:func:`parse` refuses them, and the pools refuse its connections). The slot in an
 "ok" answer is the row the change wrote (``RETURNING``: the values the rule
 saw under the row lock); in a "rejected" answer it is the row as the
 statement's snapshot saw it, which only informs the next ballot.
@@ -44,6 +46,7 @@ from psycopg import sql
 # Re-exported: a round returns as soon as a quorum answered; the protocol is
 # safe against the stragglers' statements landing late.
 from txmgr._multiplex import run_quorum
+from txmgr._primary import FIX, IN_RECOVERY
 from txmgr.paxos._core import ABORT, Reply, Request, Slot, Value
 
 __all__ = [
@@ -81,7 +84,8 @@ def _one(change: str, absent: str, *, before: str = "") -> str:
         f"WHEN p.txid IS NOT NULL THEN 'rejected' ELSE '{absent}' END, "
         f"({col('promised')})::text, ({col('accepted_ballot')})::text, {col('accepted_value')}, "
         f"array_to_string({col('participants')}, ','), "
-        f"extract(epoch FROM now() - {col('created_at')})::float8, NULL::boolean "
+        f"extract(epoch FROM now() - {col('created_at')})::float8, NULL::boolean, "
+        f"{IN_RECOVERY} "
         # p: the slot as the snapshot saw it, read only when nothing changed
         "FROM txmgr_paxos_acceptor a LEFT JOIN ch ON true "
         "LEFT JOIN txmgr_paxos p ON p.txid = $1 AND ch.txid IS NULL"
@@ -94,7 +98,7 @@ def _rows(alive: str = "NULL::boolean") -> str:
     slot's coordinator alive (see :data:`_BEACONS`), NULL where not asked."""
     return ("a.incarnation, s.txid, coalesce(s.status, 'gone'), s.promised::text, "
             "s.accepted_ballot::text, s.accepted_value, array_to_string(s.participants, ','), "
-            f"extract(epoch FROM now() - s.created_at)::float8, {alive}")
+            f"extract(epoch FROM now() - s.created_at)::float8, {alive}, {IN_RECOVERY}")
 
 
 _ROWS = _rows()
@@ -378,10 +382,15 @@ def parse(rows: Sequence[tuple[str | None, ...]] | None) -> Answer:
     incarnation = rows[0][0]
     if incarnation is None:
         raise ValueError("the acceptor has no incarnation")
+    if rows[0][9] not in (False, "f", "false"):
+        # A standby's slots may lag behind its primary's (a promise or an accept it
+        # has not replayed): it answers as an acceptor that is down, with the fix.
+        raise ValueError(f"a hot standby (pg_is_in_recovery() is true): its slots may lag "
+                         f"behind its primary's, so it never counts as an acceptor; {FIX}")
     replies: dict[str, Reply] = {}
     ages: dict[str, float] = {}
     alive: dict[str, bool] = {}
-    for _, txid, status, promised, ab, av, parts, age, live in rows:
+    for _, txid, status, promised, ab, av, parts, age, live, _ in rows:
         if txid is None:  # scan of an empty table
             continue
         if live is not None:  # text values: 't' / 'f'

@@ -39,7 +39,7 @@ import psycopg_pool
 from txmgr._dsn import mask
 from txmgr._multiplex import Job, _collect, _events
 from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
-from txmgr.errors import LogCopied
+from txmgr.errors import LogCopied, NotPrimary
 from txmgr.participant import connect, network_defaults
 from txmgr.paxos._schema import check_acceptor
 
@@ -127,7 +127,7 @@ class AcceptorLink:
         # it an acceptor that is down (always safe), with the reason kept.
         try:
             check_acceptor(conn, self.dsn)
-        except LogCopied as e:
+        except (LogCopied, NotPrimary) as e:  # a standby may lag: down until promoted
             self.refused = str(e)
             raise
         self.refused = None

@@ -38,7 +38,7 @@ import psycopg
 from txmgr._dsn import mask, redact
 from txmgr._gid import new_txid
 from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect
-from txmgr.errors import ConfigError, LogSchemaError, ParticipantUnavailable
+from txmgr.errors import ConfigError, LogSchemaError, NotPrimary, ParticipantUnavailable
 from txmgr.participant import connect
 from txmgr.paxos._acceptor import (
     Answer,
@@ -274,7 +274,7 @@ class PaxosLog:
             except LogSchemaError as e:
                 schema.append(e)
                 problems.append(str(e))
-            except (psycopg.Error, ParticipantUnavailable) as e:
+            except (psycopg.Error, ParticipantUnavailable, NotPrimary) as e:
                 problems.append(f"{mask(acc.dsn)}: {redact(str(e))}")
         by_inc: dict[str, str] = {}
         for dsn, inc in found.items():

@@ -24,6 +24,7 @@ import psycopg
 
 from txmgr._dsn import mask
 from txmgr._identity import LIVE_IDENTITY
+from txmgr._primary import IN_RECOVERY, require_primary
 from txmgr.errors import LogSchemaError
 from txmgr.log import check_identity
 
@@ -89,14 +90,15 @@ def install(dsn: str) -> None:
 
 def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
     """The acceptor's incarnation, after checking that the database is the one it
-    was made in (LogCopied otherwise, see :mod:`txmgr._identity`); LogSchemaError
-    naming the fix when its tables are missing."""
+    was made in (LogCopied otherwise, see :mod:`txmgr._identity`) and on a primary
+    (NotPrimary otherwise); LogSchemaError naming the fix when its tables are missing."""
     try:
         # to_jsonb: the binding's columns exist only from revision 0005 on.
         row = conn.execute(
             "SELECT (SELECT to_jsonb(a) FROM txmgr_paxos_acceptor a), "
             "EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('txmgr_paxos') "
             "AND attname = 'coordinator' AND NOT attisdropped), " + LIVE_IDENTITY
+            + ", " + IN_RECOVERY
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         if not conn.autocommit:
@@ -110,6 +112,9 @@ def read_incarnation(conn: psycopg.Connection[Any], dsn: str) -> str:
             f"the Paxos log database at {mask(dsn)} has no acceptor tables at schema revision "
             f"{ACCEPTOR_REVISION}: run `txmgr migrate --config FILE` against it"
         )
+    # A standby's slots may lag behind its primary's: never an acceptor (the rounds
+    # check every answer too, see _acceptor.parse).
+    require_primary(row[4], f"the Paxos log database at {mask(dsn)}", "log", dsn)
     incarnation = str(meta["incarnation"])
     check_identity(meta, (int(row[2]), int(row[3])),
                    what=f"Paxos log database at {mask(dsn)}",

@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, inspect, prepare_threshold
-from txmgr._primary import IN_RECOVERY, require_primary
+from txmgr._pooler import DEFAULT_PREPARE_THRESHOLD, prepare_threshold, probe
+from txmgr._primary import require_primary
 from txmgr.log import LOCK_TIMEOUT
 from txmgr.participant import connect
 
@@ -60,10 +60,9 @@ class ConnectionCache:
         # refuse it before anything uses it. The statements that read decisions
         # or list prepared transactions check again on every use (txmgr._primary).
         try:
-            pooled = inspect(conn, name or key)
-            row = conn.execute("SELECT " + IN_RECOVERY).fetchone()
+            pooled, in_recovery = probe(conn, name or key)
             what = "the decision log" if key == LOG_KEY else f"participant {name or key!r}"
-            require_primary(row[0] if row else None, what, name or key, dsn)
+            require_primary(in_recovery, what, name or key, dsn)
         except BaseException:
             conn.close()
             raise

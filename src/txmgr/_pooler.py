@@ -24,9 +24,10 @@ from typing import Any
 import psycopg
 
 from txmgr._dsn import redact
+from txmgr._primary import IN_RECOVERY
 from txmgr.errors import UnsupportedPoolMode
 
-__all__ = ["DEFAULT_PREPARE_THRESHOLD", "inspect", "prepare_threshold"]
+__all__ = ["DEFAULT_PREPARE_THRESHOLD", "inspect", "prepare_threshold", "probe"]
 
 #: psycopg's own default: a query is prepared on the server after 5 executions.
 DEFAULT_PREPARE_THRESHOLD = 5
@@ -44,17 +45,23 @@ def inspect(conn: psycopg.Connection[Any], name: str) -> bool:
     Leaves ``conn`` idle (as it found it, but with any open transaction ended).
     Run it on a connection that has not prepared anything yet.
     """
+    return probe(conn, name)[0]
+
+
+def probe(conn: psycopg.Connection[Any], name: str) -> tuple[bool, object]:
+    """:func:`inspect`, and ``pg_is_in_recovery()`` read in the same statement (one
+    round trip for both checks a new connection needs, see :mod:`txmgr._primary`)."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         conn.rollback()
     autocommit = conn.autocommit
     conn.autocommit = True  # a single statement: allowed in every pool mode
     try:
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        row = conn.execute("SELECT pg_backend_pid(), " + IN_RECOVERY).fetchone()
         assert row is not None
         pooled = int(row[0]) != conn.info.backend_pid
         if pooled:
             _probe_transaction(conn, name)
-        return pooled
+        return pooled, row[1]
     finally:
         if not conn.closed:
             conn.autocommit = autocommit

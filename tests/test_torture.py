@@ -92,8 +92,8 @@ POOLER_CI_KINDS = {
                 "failpoint_crash"),
 }
 # The CI version of the failover run (every server with a synchronous standby).
-STANDBY_CI_KINDS = ("failover_participant", "failover_log", "kill_client", "restart_participant",
-                    "drop_commit_prepared", "failpoint_crash")
+STANDBY_CI_KINDS = ("failover_participant", "failover_log", "stale_replica", "kill_client",
+                    "restart_participant", "drop_commit_prepared", "failpoint_crash")
 HOT_CI_KINDS = ("kill_client", "kill_daemon", "restart_participant", "drop_connections",
                 "partition")
 

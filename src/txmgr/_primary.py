@@ -38,7 +38,8 @@ def standby_error(what: str, participant: str, dsn: str) -> NotPrimary:
     return NotPrimary(
         f"{what} is a hot standby (pg_is_in_recovery() is true at {mask(dsn)}): a "
         "standby may lag behind its primary, so txmgr reads decisions and lists or "
-        f"finishes prepared transactions only on the primary; nothing was done there. {FIX}",
+        "finishes prepared transactions only on the primary; nothing was done there. "
+        f"To fix it, {FIX}",
         participant=participant,
         dsn=mask(dsn),
     )

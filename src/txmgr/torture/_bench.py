@@ -63,6 +63,7 @@ class Bench:
     # --standby: per server (same order), its standby and proxies; else empty
     replicas: list[Replicated] = field(default_factory=list)
     secret: str = ""
+    replica_configs: list[Path] = field(default_factory=list)  # same order as replicas
 
     def follow_failovers(self) -> None:
         """After failovers: ``servers`` and the direct DSNs name the current primaries."""
@@ -255,14 +256,30 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     }  # fmt: skip
     client_spec = workdir / "client.json"
     client_spec.write_text(json.dumps(spec))
+    def daemon_toml(participants: dict[str, str], log: dict[str, object]) -> str:
+        return _toml({
+            "log": log,
+            "participants": participants,
+            "pool": {"connect_timeout": 3},
+            "recovery": {"interval": options.daemon_interval},
+            "deadlock": {"interval": options.deadlock_interval},
+        })  # fmt: skip
+
     daemon_config = workdir / "daemon.toml"
-    daemon_config.write_text(_toml({
-        "log": log_table,
-        "participants": via_proxy,
-        "pool": {"connect_timeout": 3},
-        "recovery": {"interval": options.daemon_interval},
-        "deadlock": {"interval": options.deadlock_interval},
-    }))  # fmt: skip
+    daemon_config.write_text(daemon_toml(via_proxy, log_table))
+    # --standby: per server, the daemons' configuration with that server's DSN on
+    # its standby alone (the stale_replica fault runs the CLI with it).
+    replica_configs: list[Path] = []
+    for i in range(len(replicas)):
+        standby_only = [ports[i][1]]
+        parts = {**via_proxy}
+        log = dict(log_table)
+        if i < len(names):
+            parts[names[i]] = _url(standby_only, secret, BANK_DB, pg_options)
+        else:
+            log["dsn"] = _kv(standby_only, secret, LOG_DB)
+        replica_configs.append(workdir / f"replica-{i}.toml")
+        replica_configs[-1].write_text(daemon_toml(parts, log))
     if options.log == "paxos":
         _cli_migrate(daemon_config, workdir / "logs" / "cli-migrate.log")
     paxos = [LogDatabase(i, server, proxy, LOG_DB, ROLE, dsn) for i, (server, proxy, dsn)
@@ -283,4 +300,5 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
         paxos=paxos,
         replicas=replicas,
         secret=secret,
+        replica_configs=replica_configs,
     )

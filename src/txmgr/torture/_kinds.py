@@ -7,7 +7,7 @@ databases) keeps every one of them — those aimed at "the log" pick one log
 database, or two for ``log_outage`` — and adds :data:`PAXOS_ONLY`. With
 ``--standby`` (every server has a synchronous standby) the single-log modes
 add :data:`FAILOVER` (the log's failover only where the log has a server of
-its own).
+its own; ``stale_replica`` checks that a lagging standby is refused).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ PAXOS_KINDS = KINDS + PAXOS_ONLY
 FAILOVER = (
     "failover_participant",  # a participant's primary dies; its synchronous standby takes over
     "failover_log",  # the same for the dedicated log's server
+    # a standby lags (replay paused); `txmgr status` and `txmgr recover` pointed at
+    # it must refuse it (NotPrimary) and change nothing
+    "stale_replica",
 )
 
 ALL_KINDS = PAXOS_KINDS + FAILOVER
@@ -55,4 +58,4 @@ def kinds_for(log: str, *, standby: bool = False) -> tuple[str, ...]:
         return PAXOS_KINDS
     if not standby:
         return KINDS
-    return KINDS + (FAILOVER if log == "dedicated" else ("failover_participant",))
+    return KINDS + tuple(k for k in FAILOVER if log == "dedicated" or k != "failover_log")

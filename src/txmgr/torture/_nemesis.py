@@ -141,6 +141,7 @@ class World:
     grace: float = 5.0  # the daemons' Paxos grace (their log idle timeout)
     # --standby: per server, participants' then the log's (same order as the bench)
     replicas: list[Replicated] = field(default_factory=list)
+    replica_configs: list[Path] = field(default_factory=list)  # same order as replicas
 
 
 class Nemesis:
@@ -253,6 +254,8 @@ class Nemesis:
             return self._failover(index)
         if f.kind == "failover_log":
             return self._failover(len(w.participant_servers))
+        if f.kind == "stale_replica":
+            return self._stale_replica(f.pick(w.replicas))
         if self.paxos is not None:
             applied = self._apply_paxos(f)
             if applied is not None:
@@ -317,6 +320,36 @@ class Nemesis:
         for servers in (w.participant_servers, w.log_servers):
             servers[:] = [replica.primary if s is old else s for s in servers]
         return effective, detail
+
+    def _stale_replica(self, index: int) -> tuple[bool, str]:
+        """Pause a standby's replay; ``txmgr status`` and ``txmgr recover`` with that
+        server's DSN on the standby alone must exit 1 naming a hot standby."""
+        w = self.world
+        standby = w.replicas[index].standby
+        standby.pause_replay()
+        refused = []
+        try:
+            for command in (["status", "--json"], ["recover"]):
+                self._probes += 1
+                out = w.log_dir / f"cli-replica-{command[0]}-{self._probes}.log"
+                with out.open("wb") as f:
+                    done = subprocess.run(
+                        [sys.executable, "-m", "txmgr.cli", *command,
+                         "--config", str(w.replica_configs[index])],
+                        stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                        timeout=120, check=False,
+                    )  # fmt: skip
+                text = out.read_text(errors="replace")
+                if done.returncode != 1 or "hot standby" not in text:
+                    # Acting on a standby could roll back a committed branch: a bug.
+                    self.errors.append(f"txmgr {command[0]} on a lagging standby of server "
+                                       f"{index} exited {done.returncode} without refusing "
+                                       f"it (see {out.name})")
+                else:
+                    refused.append(command[0])
+        finally:
+            standby.resume_replay()
+        return len(refused) == 2, f"server {index}'s standby refused by {', '.join(refused)}"
 
     def _restart(self, server: Server, f: Fault) -> bool:
         if not server.is_running():

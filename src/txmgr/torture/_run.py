@@ -186,6 +186,7 @@ def run_torture(
             participant_dsns=list(bench.direct.values()),
             grace=options.log_idle_timeout,
             replicas=bench.replicas,
+            replica_configs=bench.replica_configs,
         )
         nemesis = Nemesis(world, seed, options.kinds, _client_effects(clients, records))
         supervisor = Supervisor([clients, daemons]).start()

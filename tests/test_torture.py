@@ -6,7 +6,11 @@ mode; each goes on until every one of its kinds hit something, one round of
 them at least). The CI versions share the kinds out (:data:`CI_KINDS`): every
 kind runs in one of them at least, so the three together cover all 17 in
 about half the time that every kind in each would take. With ``TXMGR_SOAK=1``:
-10, 5 and 5 minutes, each with every kind of its mode. And the hot-account
+10, 5 and 5 minutes, each with every kind of its mode. Three more, 10 s each:
+through PgBouncer in transaction and in session mode (:data:`POOLER_CI_KINDS`),
+and with a synchronous standby of every server (:data:`STANDBY_CI_KINDS`:
+failovers, a lagging standby refused); 5 minutes each with every kind of their
+mode with ``TXMGR_SOAK=1``. And the hot-account
 workload (distributed deadlocks, deadlines): 20 s with 5 kinds, or 5 minutes
 with every kind. The seed is random unless
 ``TXMGR_TORTURE_SEED`` is set; a failure prints it, and the same seed

@@ -41,7 +41,10 @@ def started(
     server I, the dedicated log ``txlog`` on the last one and, with ``paxos``,
     ``txmgr_bench_acc1..3`` placed as :data:`PAXOS_PLACEMENT` says."""
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(PgServer(settings={**PRODUCTION, **(settings or {})}))
+        # in_ram=False: with fsync on, a commit must wait for a disk, as in production
+        # (the test harness's RAM file system would make fsync free).
+        servers = [stack.enter_context(PgServer(settings={**PRODUCTION, **(settings or {})},
+                                                in_ram=False))
                    for _ in range(participants + 1)]
         *holders, log_server = servers
         dsns = [s.create_database(f"p{i}") for i, s in enumerate(holders)]

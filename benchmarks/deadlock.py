@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8, help="client threads of the bank")
     ap.add_argument("--dsns", help="3 comma-separated participant DSNs instead of servers")
     ap.add_argument("--log-dsn", help="with --dsns: the decision log's database")
+    ap.add_argument("--tag-rounds", type=int, default=7,
+                    help="rounds of the tagging comparison, each tagged then untagged "
+                         "(alternating which goes first)")
+    ap.add_argument("--tag-seconds", type=float, default=5.0,
+                    help="seconds of each tagging round")
     ap.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     with contextlib.ExitStack() as stack:
@@ -232,10 +237,18 @@ def _measure(args: argparse.Namespace, dsns: list[str], log: str) -> int:
                 r = _bank(tm, args.seconds, args.clients, order == "random")
                 r["victims"] = det.cancelled - before
                 results[f"bank_{order}"] = r
-        # (c) uncontended: one client, its own rows, no detector
-        results["tag_on"] = _bank(tm, args.seconds, 1, False, rows=100)
-        with _untagged():
-            results["tag_off"] = _bank(tm, args.seconds, 1, False, rows=100)
+        # (c) uncontended: one client, its own rows, no detector; rounds taken in
+        # turn (on, off, then off, on, …) so that a drift of the machine falls on both.
+        rounds: dict[str, list[dict[str, Any]]] = {"tag_on": [], "tag_off": []}
+        for i in range(args.tag_rounds):
+            for key in (("tag_on", "tag_off") if i % 2 == 0 else ("tag_off", "tag_on")):
+                with _untagged() if key == "tag_off" else contextlib.nullcontext():
+                    rounds[key].append(_bank(tm, args.tag_seconds, 1, False, rows=100))
+        for key, runs in rounds.items():
+            rates = sorted(r["commits"] / r["elapsed"] for r in runs)
+            results[key] = {"commits": sum(r["commits"] for r in runs),
+                            "elapsed": sum(r["elapsed"] for r in runs),
+                            "rates": rates, "median": rates[len(rates) // 2]}
     results["money"] = _total(dsns[:2])
     ok = (all(v == 1 for k in ("dl2", "dl3") for v in results[k]["victims"])
           and results["money"] == 0)
@@ -255,7 +268,7 @@ def _print(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print("| measurement | result |")
     print("|---|---|")
     for key, label in (("dl2", "2 transactions over 2 servers"),
-                       ("dl3", "3 transactions over 3 participants")):
+                       ("dl3", "3 transactions over 3 servers")):
         d = r[key]
         one = sum(1 for v in d["victims"] if v == 1)
         print(f"| detection latency, {label} | p50 {d['p50'] * ms:.0f} ms, "
@@ -269,8 +282,11 @@ def _print(args: argparse.Namespace, r: dict[str, Any]) -> None:
                        ("tag_off", "untagged (begin_fragment monkeypatched to a no-op, "
                                    "this process only)")):
         b = r[key]
-        print(f"| uncontended commits, 1 client, {label} | "
-              f"{b['commits'] / b['elapsed']:.1f} commits/s |")
+        print(f"| uncontended commits, 1 client, {label} | median "
+              f"{b['median']:.1f} commits/s over {len(b['rates'])} rounds of "
+              f"{args.tag_seconds:g} s ({', '.join(f'{x:.1f}' for x in b['rates'])}) |")
+    cost = 1 - r["tag_on"]["median"] / r["tag_off"]["median"]
+    print(f"| cost of tagging (1 - tagged/untagged, medians) | {cost * 100:+.1f}% |")
     print()
     print(f"money conserved: {'yes' if r['money'] == 0 else 'NO (' + str(r['money']) + ')'}")
 

@@ -227,6 +227,7 @@ def test_deadlock_benchmark_breaks_each_induced_deadlock_once_and_conserves_mone
     out = tmp_path / "deadlock.json"
     proc = _run(
         "deadlock.py", "--deadlocks", "3", "--seconds", "1", "--interval", "0.2",
+        "--tag-rounds", "2", "--tag-seconds", "0.5",
         "--dsns", ",".join(dsns), "--log-dsn", log, "--json", str(out),
     )  # fmt: skip
     doc = json.loads(out.read_text())
@@ -241,3 +242,5 @@ def test_deadlock_benchmark_breaks_each_induced_deadlock_once_and_conserves_mone
         assert query(dsn, "SELECT count(*) FROM pg_prepared_xacts "
                           "WHERE database = current_database()") == [(0,)]
     assert "| detection latency" in proc.stdout and "monkeypatched" in proc.stdout
+    assert len(doc["tag_on"]["rates"]) == len(doc["tag_off"]["rates"]) == 2  # rounds in turn
+    assert "cost of tagging" in proc.stdout

@@ -96,8 +96,10 @@ def test_data_dir_setting_is_honoured_or_refused_clearly(
     monkeypatch.setenv(_datadir.DATA_DIR_ENV, str(private))
     with pytest.raises(PgServerError, match="not reachable by the server's user"):
         _datadir.data_parent(_datadir.RunAs("someone", 12345, 12345))
-    # Unset: a RAM file system without room is passed over for the temporary directory.
+    # Unset: a benchmark's servers (ram=False) and a RAM file system without room
+    # are passed over for the temporary directory.
     monkeypatch.delenv(_datadir.DATA_DIR_ENV)
+    assert _datadir.data_parent(None, ram=False) is None
     monkeypatch.setattr(_datadir, "RAM_MIN_FREE", 1 << 62)
     assert _datadir.data_parent(None) is None
 

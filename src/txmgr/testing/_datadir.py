@@ -28,10 +28,11 @@ RAM_DIR = Path("/dev/shm")
 RAM_MIN_FREE = 2 << 30
 
 
-def data_parent(user: RunAs | None) -> str | None:
+def data_parent(user: RunAs | None, *, ram: bool = True) -> str | None:
     """The directory for a server's ``mkdtemp`` (None: the temporary directory).
 
-    ``TXMGR_TEST_DATA_DIR`` when set; else :data:`RAM_DIR` when it is a writable
+    ``TXMGR_TEST_DATA_DIR`` when set; else, unless ``ram`` is false (a benchmark
+    whose commits must reach a disk), :data:`RAM_DIR` when it is a writable
     directory with :data:`RAM_MIN_FREE` bytes free (that ``user``, the server's,
     can reach when there is one); else :func:`temp_parent`.
     """
@@ -50,7 +51,7 @@ def data_parent(user: RunAs | None) -> str | None:
                 "choose a directory every user can traverse (such as /tmp)"
             )
         return str(path)
-    return str(RAM_DIR) if _ram_usable(shared=shared) else temp_parent(user)
+    return str(RAM_DIR) if ram and _ram_usable(shared=shared) else temp_parent(user)
 
 
 def _ram_usable(*, shared: bool) -> bool:

@@ -60,7 +60,9 @@ class PgServer(DatabaseAdmin):
     """A private PostgreSQL server in a temporary directory, listening on 127.0.0.1.
 
     When running as root, the server runs as the ``postgres`` OS user (or a ``txmgr-pg``
-    system user created on demand), since PostgreSQL refuses to run as root.
+    system user created on demand), since PostgreSQL refuses to run as root. Its files
+    go to a RAM file system when one has room (see :mod:`txmgr.testing._datadir`);
+    ``in_ram=False`` keeps them on a disk (a benchmark of durable commits).
     """
 
     host = "127.0.0.1"
@@ -76,7 +78,9 @@ class PgServer(DatabaseAdmin):
         settings: Mapping[str, str] | None = None,
         superuser_password: str | None = None,
         timeout: float = 60.0,
+        in_ram: bool = True,
     ) -> None:
+        self._in_ram = in_ram  # see _datadir: False keeps the files on a disk
         self._bin_dir = Path(bin_dir) if bin_dir is not None else None
         self._port = port
         self._auto_port = port is None  # also after a first start() picked one
@@ -118,6 +122,7 @@ class PgServer(DatabaseAdmin):
             settings={**primary._settings, "hot_standby": "on"},
             superuser_password=primary.password,
             timeout=timeout,
+            in_ram=primary._in_ram,
         )
         standby._primary = primary
         return standby
@@ -162,7 +167,7 @@ class PgServer(DatabaseAdmin):
             raise PgServerError("already started; use restart() to start it again")
         user = server_user()
         bin_dir = reachable_bin_dir(self._bin_dir or find_pg_bin(), user)
-        base = Path(tempfile.mkdtemp(prefix="txmgr-pg-", dir=data_parent(user)))
+        base = Path(tempfile.mkdtemp(prefix="txmgr-pg-", dir=data_parent(user, ram=self._in_ram)))
         self._cluster = cluster = Cluster(bin_dir, base, user, self._timeout)
         with _live_lock:
             _live.add(self)

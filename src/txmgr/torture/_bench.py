@@ -15,8 +15,6 @@ first is named by a key/value DSN, the others by URLs.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -35,6 +33,7 @@ from txmgr.testing.proxy import FaultProxy
 from txmgr.torture._client import ClientSpec
 from txmgr.torture._failover import Replicated
 from txmgr.torture._logdbs import LogDatabase
+from txmgr.torture._procs import run_cli
 from txmgr.torture._report import TortureOptions
 from txmgr.torture._workload import create_role, create_schema
 
@@ -71,13 +70,10 @@ class Bench:
             return
         self.servers[:] = [r.primary for r in self.replicas]
         self.log_servers[:] = self.servers[len(self.names):] or self.servers[:1]
-        for name, server in zip(self.names, self.servers, strict=False):
-            self.direct[name] = server.dsn(BANK_DB, user=ROLE, password=self.secret)
-        if self.mode == "dedicated":
-            self.log_directs[:] = [self.log_servers[0].dsn(LOG_DB, user=ROLE,
-                                                           password=self.secret)]
-        else:
-            self.log_directs[:] = [self.direct[self.names[0]]]
+        direct, log_directs = _direct_dsns(self.names, self.servers, self.log_servers,
+                                           self.mode, self.secret)
+        self.direct.update(direct)
+        self.log_directs[:] = log_directs
 
     @property
     def bank_servers(self) -> list[PgServer]:
@@ -133,6 +129,17 @@ def _start_bouncers(options: TortureOptions, servers: list[PgServer],
     return [b.port for b in bouncers]
 
 
+def _direct_dsns(names: list[str], servers: list[PgServer], log_servers: list[PgServer],
+                 mode: str, secret: str) -> tuple[dict[str, str], list[str]]:
+    """The DSNs without a proxy: per participant its bank database; the log's
+    databases (with the log inside a participant, that participant's)."""
+    direct = {name: server.dsn(BANK_DB, user=ROLE, password=secret)
+              for name, server in zip(names, servers, strict=False)}
+    log_directs = ([direct[names[0]]] if mode == "participant" else
+                   [s.dsn(LOG_DB, user=ROLE, password=secret) for s in log_servers])
+    return direct, log_directs
+
+
 def _start_servers(count: int, stack: ExitStack) -> list[PgServer]:
     servers = [PgServer(max_prepared_transactions=100) for _ in range(count)]
     for server in servers:
@@ -177,14 +184,9 @@ def _toml(config: Mapping[str, Mapping[str, object]]) -> str:
 def _cli_migrate(config: Path, out: Path) -> None:
     """``txmgr migrate --config``: every Paxos log database, through its proxy (the
     output joins the logs the secret scan reads)."""
-    with out.open("wb") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "txmgr.cli", "migrate", "--config", str(config)],
-            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=300,
-            check=False,
-        )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"txmgr migrate failed (exit {done.returncode}): see {out}")
+    status = run_cli(["migrate"], config, out, timeout=300)
+    if status != 0:
+        raise RuntimeError(f"txmgr migrate failed (exit {status}): see {out}")
 
 
 def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: ExitStack) -> Bench:
@@ -195,17 +197,13 @@ def build_bench(options: TortureOptions, secret: str, workdir: Path, stack: Exit
     log_servers = servers[len(names):] or servers[:1]
     for server in servers:
         create_role(server.admin_dsn, ROLE, secret)
-    direct: dict[str, str] = {}
+    direct, log_directs = _direct_dsns(names, servers, log_servers, options.log, secret)
     for name, server in zip(names, servers, strict=False):
         _create_database(server, BANK_DB)
-        direct[name] = server.dsn(BANK_DB, user=ROLE, password=secret)
         create_schema(direct[name], options.accounts)
     if logs:
         for server in log_servers:
             _create_database(server, LOG_DB)
-        log_directs = [s.dsn(LOG_DB, user=ROLE, password=secret) for s in log_servers]
-    else:
-        log_directs = [direct[names[0]]]
     if options.log != "paxos":
         migrate(log_directs[0])
 

@@ -40,8 +40,6 @@ that need several: ``stop_log``, ``isolate_log``, ``wipe_log`` and
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -56,7 +54,7 @@ from txmgr.torture._failover import Replicated
 from txmgr.torture._kinds import ALL_KINDS, FAILOVER, KINDS, PAXOS_ONLY
 from txmgr.torture._logdbs import LogDatabase
 from txmgr.torture._paxos_faults import PaxosFaults
-from txmgr.torture._procs import ProcessGroup
+from txmgr.torture._procs import ProcessGroup, run_cli
 from txmgr.torture._rules import ANY_STATEMENT, DROP_ACTIONS, PATTERNS, wait_for_hit
 from txmgr.transaction import CONFIRM_PATIENCE
 
@@ -332,18 +330,11 @@ class Nemesis:
             for command in (["status", "--json"], ["recover"]):
                 self._probes += 1
                 out = w.log_dir / f"cli-replica-{command[0]}-{self._probes}.log"
-                with out.open("wb") as f:
-                    done = subprocess.run(
-                        [sys.executable, "-m", "txmgr.cli", *command,
-                         "--config", str(w.replica_configs[index])],
-                        stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                        timeout=120, check=False,
-                    )  # fmt: skip
-                text = out.read_text(errors="replace")
-                if done.returncode != 1 or "hot standby" not in text:
+                status = run_cli(command, w.replica_configs[index], out)
+                if status != 1 or "hot standby" not in out.read_text(errors="replace"):
                     # Acting on a standby could roll back a committed branch: a bug.
                     self.errors.append(f"txmgr {command[0]} on a lagging standby of server "
-                                       f"{index} exited {done.returncode} without refusing "
+                                       f"{index} exited {status} without refusing "
                                        f"it (see {out.name})")
                 else:
                     refused.append(command[0])
@@ -423,10 +414,4 @@ class Nemesis:
         """``txmgr status`` while a server is down: its output goes to a scanned file."""
         self._probes += 1
         out = self.world.log_dir / f"cli-status-{self._probes}.log"
-        with out.open("wb") as f:
-            subprocess.run(
-                [sys.executable, "-m", "txmgr.cli", "status", "--json",
-                 "--config", str(self.world.daemon_config)],
-                stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                timeout=120, check=False,
-            )  # fmt: skip
+        run_cli(["status", "--json"], self.world.daemon_config, out)

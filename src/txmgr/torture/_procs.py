@@ -24,10 +24,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Command", "Incarnation", "ProcessGroup", "Slot", "Supervisor"]
+__all__ = ["Command", "Incarnation", "ProcessGroup", "Slot", "Supervisor", "run_cli"]
 
 #: (slot, incarnation, armed env or None) -> (module, args, extra env)
 Command = Callable[[int, int, Mapping[str, str] | None], tuple[str, list[str], dict[str, str]]]
+
+
+def run_cli(command: list[str], config: Path, out: Path, *, timeout: float = 120) -> int:
+    """``txmgr COMMAND --config CONFIG``, its stdout and stderr in ``out`` (a file the
+    secret scan reads); its exit status."""
+    with out.open("wb") as f:
+        return subprocess.run(
+            [sys.executable, "-m", "txmgr.cli", *command, "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+            timeout=timeout, check=False,
+        ).returncode
 
 
 @dataclass

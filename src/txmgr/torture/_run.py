@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -44,7 +42,7 @@ from txmgr.torture._checker import (
     scan_for_secret,
 )
 from txmgr.torture._nemesis import MAX_TRANSFERS_ENV, Nemesis, World
-from txmgr.torture._procs import Command, ProcessGroup, Supervisor
+from txmgr.torture._procs import Command, ProcessGroup, Supervisor, run_cli
 from txmgr.torture._records import read_records
 from txmgr.torture._report import TortureOptions, TortureReport
 from txmgr.torture._waits import wait_bound
@@ -95,13 +93,8 @@ def _client_effects(clients: ProcessGroup, records: Path) -> Callable[[], Counte
 def _cli_final(bench: Bench, logs: Path) -> None:
     """``txmgr status`` and ``txmgr recover`` through the proxies; output scanned later."""
     for command in (["status", "--json"], ["recover"]):
-        with (logs / f"cli-final-{command[0]}.log").open("wb") as out:
-            subprocess.run(
-                [sys.executable, "-m", "txmgr.cli", *command, "--config",
-                 str(bench.daemon_config)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                timeout=300, check=False,
-            )  # fmt: skip
+        run_cli(command, bench.daemon_config, logs / f"cli-final-{command[0]}.log",
+                timeout=300)
 
 
 def _settle(config: Config, deadline: float, log: Path) -> tuple[int, list[str]]:
